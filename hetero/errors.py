@@ -1,0 +1,78 @@
+"""One exception family, so callers can catch `hetero.HeteroError` and users read what went wrong.
+
+Every message names the model, node, tensor or field at fault.
+"""
+
+from __future__ import annotations
+
+
+class HeteroError(Exception):
+    """Base of every error Hetero raises on purpose."""
+
+
+class ModelError(HeteroError, ValueError):
+    """The model cannot be loaded or is not valid ONNX."""
+
+
+class ModelNotFoundError(ModelError, FileNotFoundError):
+    """The path given does not name a readable file."""
+
+
+class ModelDecodeError(ModelError):
+    """The bytes are not an ONNX ModelProto (random bytes, truncated protobuf, other format)."""
+
+
+class UnsupportedOpsetError(ModelError):
+    """The model imports an opset version outside the range Hetero supports."""
+
+
+class UnknownDomainError(ModelError):
+    """A node uses an operator domain with no schema and no registered custom kernel."""
+
+
+class MissingInitializerError(ModelError):
+    """An initializer's data is absent (external data file not found or unreadable)."""
+
+
+class DanglingInputError(ModelError):
+    """A node consumes a tensor that no graph input, initializer or node provides."""
+
+
+class GraphCycleError(ModelError):
+    """The graph's nodes depend on each other in a cycle."""
+
+
+class InvalidModelError(ModelError):
+    """The ONNX checker or strict shape inference rejected the model."""
+
+
+class InputError(HeteroError, ValueError):
+    """The feeds given to `Session.run` do not match the model's inputs."""
+
+
+class PlanError(HeteroError):
+    """No valid placement exists for the model with the executors and policy given."""
+
+
+class ExecutorError(HeteroError):
+    """An executor is unavailable, or failed to compile or run a partition."""
+
+
+class ExecutorUnavailableError(ExecutorError):
+    """The executor's library is not installed or its device is absent."""
+
+
+class CompileError(ExecutorError):
+    """An executor rejected a partition at compile time.
+
+    `nodes` names the nodes the library reported as the cause, when it said; the planner uses
+    them to narrow the partition and re-plan.
+    """
+
+    def __init__(self, message: str, nodes: tuple[str, ...] = ()):
+        super().__init__(message)
+        self.nodes = nodes
+
+
+class RunError(ExecutorError):
+    """A compiled partition failed while running a request."""

@@ -1,0 +1,168 @@
+"""Executor discovery: which vendor libraries and devices this host has.
+
+Built-in executors live one library per file here; third-party ones arrive through the
+`hetero.executors` entry-point group (`pip install hetero-<vendor>`). A library that is not
+installed is reported with the pip extra that installs it, never as a crash.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from hetero.errors import ExecutorUnavailableError
+from hetero.executors.base import (
+    CPU,
+    CompiledPartition,
+    Device,
+    Executor,
+    ExecutorInfo,
+    default_threads,
+)
+
+# library -> (module, class); the order is the default priority among host libraries.
+BUILTIN: dict[str, tuple[str, str]] = {
+    "cupy": ("hetero.executors.cupy_executor", "CupyExecutor"),
+    "onnxruntime": ("hetero.executors.onnxruntime_executor", "OnnxRuntimeExecutor"),
+    "openvino": ("hetero.executors.openvino_executor", "OpenVinoExecutor"),
+    "torch": ("hetero.executors.torch_executor", "TorchExecutor"),
+    "opencl": ("hetero.executors.opencl_executor", "OpenCLExecutor"),
+    "numpy": ("hetero.executors.numpy_executor", "NumpyExecutor"),
+}
+EXTRAS = {"cupy": "cuda", "onnxruntime": "onnxruntime", "openvino": "openvino", "torch": "torch",
+          "opencl": "opencl", "numpy": ""}
+
+
+@dataclass(frozen=True)
+class Library:
+    """One executor library as found on this host: its executors, or why there are none."""
+
+    library: str
+    extra: str
+    executors: tuple[Executor, ...]
+    error: str | None = None
+
+    @property
+    def installed(self) -> bool:
+        return self.error is None
+
+
+_lock = threading.Lock()
+_libraries: list[Library] | None = None
+
+
+def _load_class(library: str) -> type[Executor]:
+    module_name, class_name = BUILTIN[library]
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def _discover(library: str, cls_loader) -> Library:
+    extra = EXTRAS.get(library, library)
+    try:
+        cls = cls_loader()
+        executors = tuple(cls.discover())
+    except ImportError as exc:
+        hint = f"pip install 'hetero[{extra}]'" if extra else "reinstall hetero"
+        return Library(library, extra, (), f"not installed ({exc.name or exc}); {hint}")
+    except Exception as exc:
+        return Library(library, extra, (), f"unavailable: {type(exc).__name__}: {exc}")
+    return Library(library, extra, executors)
+
+
+def libraries(refresh: bool = False) -> list[Library]:
+    """Every executor library Hetero knows of, installed or not (cached after the first call)."""
+    global _libraries
+    with _lock:
+        if _libraries is None or refresh:
+            found = [_discover(lib, lambda lib=lib: _load_class(lib)) for lib in BUILTIN]
+            for ep in importlib.metadata.entry_points(group="hetero.executors"):
+                if ep.name not in BUILTIN:
+                    found.append(_discover(ep.name, ep.load))
+            _libraries = found
+        return list(_libraries)
+
+
+def available() -> list[Executor]:
+    """Executors usable here, in default priority order: accelerators first, numpy last."""
+    executors = [e for lib in libraries() for e in lib.executors]
+    return sorted(executors, key=lambda e: 0 if is_accelerator(e) else 1)
+
+
+def is_accelerator(executor: Executor) -> bool:
+    """A device with its own compute (a GPU or other card), as opposed to the host CPU."""
+    return bool(getattr(executor, "accelerator", executor.device.kind != "cpu"))
+
+
+def resolve(specs: Iterable[str | Executor] | None) -> list[Executor]:
+    """Executors from names: 'numpy', 'torch' (all its devices), 'torch@cuda:0', 'openvino@cpu[bf16]'."""
+    if specs is None:
+        return available()
+    if isinstance(specs, str):
+        specs = [s.strip() for s in specs.split(",") if s.strip()]
+    chosen: list[Executor] = []
+    for spec in specs:
+        for executor in _resolve_one(spec):
+            if executor not in chosen:
+                chosen.append(executor)
+    if not chosen:
+        raise ExecutorUnavailableError("no executors given")
+    return chosen
+
+
+def _resolve_one(spec: str | Executor) -> list[Executor]:
+    if isinstance(spec, Executor):
+        return [spec]
+    library, _, rest = spec.partition("@")
+    device, _, variant = rest.partition("[")
+    known = {lib.library: lib for lib in libraries()}
+    lib = known.get(library)
+    if lib is None:
+        raise ExecutorUnavailableError(
+            f"unknown executor {spec!r}; known libraries: {', '.join(sorted(known))}")
+    if not lib.installed:
+        raise ExecutorUnavailableError(f"executor {spec!r} is not available: {library} {lib.error}")
+    matches = [e for e in lib.executors if not device or str(e.device) == device]
+    if variant:
+        matches = [variant_of(e, variant.rstrip("]")) for e in matches]
+    if not matches:
+        present = ", ".join(e.name for e in lib.executors) or "none"
+        raise ExecutorUnavailableError(f"executor {spec!r} is not available on this host (found: {present})")
+    return matches
+
+
+_variants: dict[tuple[str, str], Executor] = {}
+
+
+def variant_of(executor: Executor, precision: str) -> Executor:
+    """The same library and device at another precision (e.g. OpenVINO bf16), cached."""
+    if getattr(executor, "precision", "fp32") == precision:
+        return executor
+    key = (executor.name, precision)
+    with _lock:
+        if key not in _variants:
+            try:
+                _variants[key] = type(executor)(executor.device, threads=executor.threads,
+                                                precision=precision)
+            except TypeError:
+                raise ExecutorUnavailableError(
+                    f"executor {executor.name} has no precision variant {precision!r}") from None
+        return _variants[key]
+
+
+__all__ = [
+    "CPU",
+    "CompiledPartition",
+    "Device",
+    "Executor",
+    "ExecutorInfo",
+    "Library",
+    "available",
+    "default_threads",
+    "is_accelerator",
+    "libraries",
+    "resolve",
+    "variant_of",
+]

@@ -1,0 +1,167 @@
+"""The executor interface: the whole of what a vendor plug-in writes.
+
+An executor is one vendor library driving one device. It says which nodes it can run
+(`supports`), compiles a partition (a standalone ONNX model) into something callable on its
+device's arrays, and moves arrays between host memory and its device.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from hetero import kernels
+from hetero.graph import Model, Node
+
+
+@dataclass(frozen=True, order=True)
+class Device:
+    """A compute resource with one memory space: `cpu`, `cuda:0`, `opencl:1`."""
+
+    kind: str
+    index: int = 0
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "cpu" else f"{self.kind}:{self.index}"
+
+    @classmethod
+    def parse(cls, text: str) -> Device:
+        kind, _, index = text.partition(":")
+        if not kind or (index and not index.isdigit()):
+            raise ValueError(f"device {text!r} is not of the form 'cpu', 'cuda:0', 'opencl:1'")
+        return cls(kind, int(index or 0))
+
+
+CPU = Device("cpu")
+
+
+@dataclass(frozen=True)
+class ExecutorInfo:
+    """What `hetero devices` shows of an executor."""
+
+    name: str
+    library: str
+    version: str
+    device: str
+    device_name: str
+    threads: int
+    precision: str
+
+
+class CompiledPartition(ABC):
+    """A partition compiled for one executor: call it with device arrays in `input_names` order."""
+
+    input_names: Sequence[str]
+    output_names: Sequence[str]
+
+    @abstractmethod
+    def __call__(self, inputs: Sequence[Any]) -> list[Any]: ...
+
+
+class Executor(ABC):
+    """One vendor library on one device.
+
+    Subclasses set `library` (the import name users write, e.g. "onnxruntime"), `extra` (the
+    pip extra that installs it) and, for kernels users write, `kernel_kind`. Executors on the
+    host share the "cpu" memory space and exchange plain numpy arrays without copies.
+    """
+
+    library: ClassVar[str]
+    extra: ClassVar[str]
+    kernel_kind: ClassVar[str | None] = None
+    #: Graph-compiling libraries fuse across nodes: the planner measures their partitions whole.
+    compiles_graphs: ClassVar[bool] = False
+    #: Element types the library's Python binding can take in and give back; None means any.
+    #: A node reading or writing another type stays off this executor.
+    exchange_dtypes: ClassVar[frozenset[str] | None] = None
+
+    def __init__(self, device: Device = CPU, *, threads: int | None = None):
+        self.device = device
+        self.threads = threads or default_threads()
+
+    @property
+    def name(self) -> str:
+        return f"{self.library}@{self.device}"
+
+    @property
+    def memory_space(self) -> str:
+        return str(self.device)
+
+    def __repr__(self) -> str:
+        return f"<executor {self.name}>"
+
+    @classmethod
+    @abstractmethod
+    def discover(cls) -> list[Executor]:
+        """One executor per device this library can drive here; raises ImportError if absent."""
+
+    @abstractmethod
+    def info(self) -> ExecutorInfo: ...
+
+    def supports(self, node: Node, model: Model) -> bool:
+        """Whether this executor can run `node` as it sits in `model` (dtypes, version, attrs)."""
+        if self.kernel_kind and kernels.lookup(node.domain, node.op_type, self.kernel_kind):
+            return True
+        if self.exchange_dtypes is not None and not all(
+                element_type(model, name) in self.exchange_dtypes
+                for name in (*node.all_inputs, *node.outputs) if name):
+            return False
+        return self.supports_op(node, model)
+
+    @abstractmethod
+    def supports_op(self, node: Node, model: Model) -> bool:
+        """Library capability for a standard (non-custom) node; ask the library where it can say."""
+
+    @abstractmethod
+    def compile(self, part: onnx.ModelProto) -> CompiledPartition:
+        """Compile a partition; raise `hetero.CompileError` naming nodes the library rejects."""
+
+    def to_device(self, array: np.ndarray) -> Any:
+        """Host array -> this executor's device array (identity on the host)."""
+        return array
+
+    def to_host(self, value: Any) -> np.ndarray:
+        """This executor's device array -> host numpy array (identity on the host)."""
+        return value
+
+
+def default_threads() -> int:
+    """Cores this process may use: the CPU budget every host executor shares."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def element_type(model: Model, name: str) -> str:
+    """ONNX element type of a tensor ('float', 'bfloat16', ...), of a sequence's tensors, or '?'."""
+    value_info = model.value_info(name)
+    if value_info is None:
+        return "?"
+    type_proto = value_info.type
+    while type_proto.HasField("sequence_type") or type_proto.HasField("optional_type"):
+        type_proto = (type_proto.sequence_type.elem_type if type_proto.HasField("sequence_type")
+                      else type_proto.optional_type.elem_type)
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.elem_type:
+        return "?"
+    return onnx.TensorProto.DataType.Name(type_proto.tensor_type.elem_type).lower()
+
+
+def shrinks(node: Node, model: Model) -> bool:
+    """The node's first output is smaller than its first input along some axis (or unknown)."""
+    source, target = model.tensor(node.inputs[0]).shape, model.tensor(node.outputs[0]).shape
+    if source is None or target is None:
+        return True
+    return any(not isinstance(a, int) or not isinstance(b, int) or b < a
+               for a, b in zip(source, target, strict=False))
+
+
+#: Element types numpy holds natively, which every vendor binding exchanges.
+NUMPY_NATIVE_TYPES = frozenset({"float", "double", "float16", "int8", "int16", "int32", "int64", "uint8",
+                                "uint16", "uint32", "uint64", "bool"})

@@ -1,0 +1,191 @@
+"""Fast numpy paths for the hot operators, plugged into `onnx.reference` as overriding ops.
+
+Each class handles the common case with strided views and BLAS (`np.matmul`) and hands
+anything unusual to the `onnx.reference` implementation of the same node, so semantics stay
+exactly ONNX's.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import as_strided
+from onnx.reference.op_run import OpRun
+from onnx.reference.ops import load_op
+
+
+class _FastOp(OpRun):
+    """An op with a fast path; `reference(...)` runs the onnx.reference kernel for the same node."""
+
+    op_domain = ""
+
+    def __init__(self, onnx_node: Any, run_params: dict[str, Any], schema: Any = None):
+        super().__init__(onnx_node, run_params, schema)
+        self._run_params = run_params
+        self._fallback: OpRun | None = None
+
+    def reference(self, *inputs: Any) -> tuple:
+        if self._fallback is None:
+            version = self._run_params["opsets"][""]
+            cls = load_op("", self.onnx_node.op_type, version)
+            self._fallback = cls(self.onnx_node, self._run_params)
+        return self._fallback.run(*inputs)
+
+
+def resolve_pads(auto_pad: str | None, spatial: tuple[int, ...], kernel: tuple[int, ...],
+                 strides: tuple[int, ...], dilations: tuple[int, ...], pads: Any) -> list[int]:
+    """Begin pads followed by end pads, as ONNX Conv/pooling define them."""
+    nd = len(spatial)
+    auto_pad = auto_pad or "NOTSET"
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        begin, end = [], []
+        for size, k, s, d in zip(spatial, kernel, strides, dilations, strict=True):
+            out = -(-size // s)
+            total = max(0, (out - 1) * s + (k - 1) * d + 1 - size)
+            small = total // 2
+            begin.append(small if auto_pad == "SAME_UPPER" else total - small)
+            end.append(total - begin[-1])
+        return begin + end
+    if auto_pad == "VALID" or pads is None:
+        return [0] * (2 * nd)
+    return [int(p) for p in pads]
+
+
+def windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...],
+            dilations: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
+    """View of shape (N, C, *kernel, *out_shape) over a padded NC... array, no copy."""
+    s = x.strides
+    nd = len(kernel)
+    return as_strided(
+        x,
+        shape=(*x.shape[:2], *kernel, *out_shape),
+        strides=(s[0], s[1], *(s[2 + i] * dilations[i] for i in range(nd)),
+                 *(s[2 + i] * strides[i] for i in range(nd))),
+        writeable=False,
+    )
+
+
+def _pad_spatial(x: np.ndarray, pads: list[int], value: float = 0.0) -> np.ndarray:
+    nd = x.ndim - 2
+    if not any(pads):
+        return x
+    widths = [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]
+    return np.pad(x, widths, constant_values=value)
+
+
+def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, auto_pad: str | None = None,
+         dilations: Any = None, group: int = 1, kernel_shape: Any = None, pads: Any = None,
+         strides: Any = None) -> np.ndarray:
+    """N-d convolution: 1x1 as one GEMM, depthwise as shifted multiply-adds, else im2col + GEMM."""
+    nd = x.ndim - 2
+    kernel = tuple(int(k) for k in (kernel_shape or w.shape[2:]))
+    strides = tuple(int(s) for s in (strides or (1,) * nd))
+    dilations = tuple(int(d) for d in (dilations or (1,) * nd))
+    pads = resolve_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
+    xp = _pad_spatial(x, pads)
+    out_shape = tuple((xp.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+                      for i in range(nd))
+    n, c = x.shape[:2]
+    m = w.shape[0]
+    group = int(group or 1)
+    cg, mg = c // group, m // group
+    length = math.prod(out_shape)
+    if cg == 1 and mg == 1 and math.prod(kernel) > 1:
+        y = _depthwise(xp, w, kernel, strides, dilations, out_shape)
+    else:
+        if all(k == 1 for k in kernel):
+            sliced = xp[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+            cols = np.ascontiguousarray(sliced[(..., *(slice(0, o) for o in out_shape))])
+            cols = cols.reshape(n, group, cg, length)
+        else:
+            view = windows(xp, kernel, strides, dilations, out_shape)
+            cols = view.reshape(n, group, cg * math.prod(kernel), length)
+        y = np.matmul(w.reshape(group, mg, -1), cols).reshape(n, m, *out_shape)
+    if b is not None:
+        y += b.reshape(1, m, *(1,) * nd)
+    return y
+
+
+def _depthwise(xp: np.ndarray, w: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...],
+               dilations: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
+    n, c = xp.shape[:2]
+    y = np.zeros((n, c, *out_shape), dtype=np.result_type(xp, w))
+    nd = len(kernel)
+    for offset in np.ndindex(*kernel):
+        index = tuple(slice(o * d, o * d + (size - 1) * s + 1, s)
+                      for o, d, s, size in zip(offset, dilations, strides, out_shape, strict=True))
+        y += xp[(slice(None), slice(None), *index)] * w[(slice(None), 0, *offset)].reshape(1, c, *(1,) * nd)
+    return y
+
+
+class Conv(_FastOp):
+    def _run(self, x, w, b=None, auto_pad=None, dilations=None, group=None, kernel_shape=None,
+             pads=None, strides=None):
+        if x.dtype not in (np.float32, np.float64) or x.ndim < 3:
+            return self.reference(x, w, b)
+        return (conv(x, w, b, auto_pad=auto_pad, dilations=dilations, group=group,
+                     kernel_shape=kernel_shape, pads=pads, strides=strides).astype(x.dtype, copy=False),)
+
+
+def _pool_geometry(x: np.ndarray, kernel_shape: Any, strides: Any, dilations: Any, pads: Any,
+                   auto_pad: str | None, ceil_mode: int | None):
+    nd = x.ndim - 2
+    kernel = tuple(int(k) for k in kernel_shape)
+    strides = tuple(int(s) for s in (strides or (1,) * nd))
+    dilations = tuple(int(d) for d in (dilations or (1,) * nd))
+    pads = resolve_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
+    out_shape, extra = [], []
+    for i in range(nd):
+        span = x.shape[2 + i] + pads[i] + pads[i + nd] - (kernel[i] - 1) * dilations[i] - 1
+        out = (-(-span // strides[i]) if ceil_mode else span // strides[i]) + 1
+        if ceil_mode and (out - 1) * strides[i] >= x.shape[2 + i] + pads[i]:
+            out -= 1  # a window may not start in the end padding
+        out_shape.append(out)
+        extra.append(max(0, (out - 1) * strides[i] + (kernel[i] - 1) * dilations[i] + 1
+                         - (x.shape[2 + i] + pads[i] + pads[i + nd])))
+    return kernel, strides, dilations, pads, tuple(out_shape), extra
+
+
+class MaxPool(_FastOp):
+    def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
+             storage_order=None, strides=None):
+        if len(self.onnx_node.output) > 1 or x.dtype.kind != "f" or x.ndim < 3:
+            return self.reference(x)
+        kernel, strides, dilations, pads, out_shape, extra = _pool_geometry(
+            x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        nd = len(kernel)
+        padded = _pad_spatial(x, pads[:nd] + [p + e for p, e in zip(pads[nd:], extra, strict=True)], -np.inf)
+        view = windows(padded, kernel, strides, dilations, out_shape)
+        return (view.max(axis=tuple(range(2, 2 + nd))).astype(x.dtype, copy=False),)
+
+
+class AveragePool(_FastOp):
+    def _run(self, x, auto_pad=None, ceil_mode=None, count_include_pad=None, dilations=None,
+             kernel_shape=None, pads=None, strides=None):
+        if x.dtype.kind != "f" or x.ndim < 3:
+            return self.reference(x)
+        kernel, strides, dilations, pads, out_shape, extra = _pool_geometry(
+            x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+        nd = len(kernel)
+        end = [p + e for p, e in zip(pads[nd:], extra, strict=True)]
+        axes = tuple(range(2, 2 + nd))
+        padded = _pad_spatial(x, pads[:nd] + end)
+        total = windows(padded, kernel, strides, dilations, out_shape).sum(axis=axes)
+        ones = np.ones((1, 1, *x.shape[2:]), dtype=x.dtype)
+        if count_include_pad and (auto_pad or "NOTSET") == "NOTSET":
+            ones = _pad_spatial(ones, pads, 1.0)
+            mask = _pad_spatial(ones, [0] * nd + list(extra))
+        else:
+            mask = _pad_spatial(ones, pads[:nd] + end)
+        count = windows(mask, kernel, strides, dilations, out_shape).sum(axis=axes)
+        return ((total / count).astype(x.dtype, copy=False),)
+
+
+class GlobalAveragePool(_FastOp):
+    def _run(self, x):
+        return (x.mean(axis=tuple(range(2, x.ndim)), keepdims=True).astype(x.dtype, copy=False),)
+
+
+FAST_OPS: list[type[OpRun]] = [Conv, MaxPool, AveragePool, GlobalAveragePool]

@@ -1,0 +1,307 @@
+"""`hetero.load`: read an ONNX model from a path, bytes or a ModelProto, validate it, view it.
+
+Validation happens once, here, so that every later layer can trust the graph: a bad model fails
+with one `ModelError` subclass whose message names the file and the node, tensor or field.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+from collections import Counter
+from pathlib import Path
+
+import google.protobuf.message
+import numpy as np
+import onnx
+import onnx.checker
+import onnx.defs
+import onnx.external_data_helper
+import onnx.shape_inference
+from onnx import helper
+
+from hetero import kernels
+from hetero.errors import (
+    DanglingInputError,
+    GraphCycleError,
+    InvalidModelError,
+    MissingInitializerError,
+    ModelDecodeError,
+    ModelNotFoundError,
+    UnknownDomainError,
+    UnsupportedOpsetError,
+)
+from hetero.graph.model import Model, outer_scope_inputs, tensor_info
+
+MIN_OPSET = 1
+MAX_OPSET = onnx.defs.onnx_opset_version()
+ModelSource = str | os.PathLike | bytes | bytearray | memoryview | onnx.ModelProto | Model
+
+
+def _known_domains() -> set[str]:
+    return {s.domain for s in onnx.defs.get_all_schemas_with_history()} | {"", "ai.onnx"}
+
+
+def load(source: ModelSource, *, name: str | None = None) -> Model:
+    """Load and validate an ONNX model; returns the read-only `Model` view.
+
+    Raises a `hetero.ModelError` subclass naming the file, node, tensor or field at fault:
+    ModelNotFoundError, ModelDecodeError, UnsupportedOpsetError, UnknownDomainError,
+    MissingInitializerError, DanglingInputError, GraphCycleError, InvalidModelError.
+    """
+    if isinstance(source, Model):
+        return source
+    base_dir = None
+    if isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)
+        label = name or source.graph.name or "<ModelProto>"
+    elif isinstance(source, bytes | bytearray | memoryview):
+        label = name or "<bytes>"
+        proto = _decode(bytes(source), label)
+    elif isinstance(source, str | os.PathLike):
+        path = Path(source)
+        label = name or str(path)
+        if not path.exists():
+            raise ModelNotFoundError(f"model file {label!r} does not exist")
+        if not path.is_file():
+            raise ModelNotFoundError(f"model path {label!r} is not a file")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ModelNotFoundError(f"model file {label!r} cannot be read: {exc}") from exc
+        proto = _decode(data, label)
+        base_dir = str(path.parent)
+    else:
+        raise TypeError(f"hetero.load takes a path, bytes or onnx.ModelProto, not {type(source).__name__}")
+    return Model(validate(proto, label, base_dir), label)
+
+
+def _decode(data: bytes, label: str) -> onnx.ModelProto:
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (google.protobuf.message.DecodeError, ValueError, RuntimeError) as exc:
+        raise ModelDecodeError(
+            f"model {label!r} is not an ONNX model ({len(data)} bytes could not be decoded as a "
+            f"ModelProto: truncated or another format): {exc}") from exc
+    if proto.ir_version <= 0 or not proto.HasField("graph"):
+        missing = "ir_version" if proto.ir_version <= 0 else "graph"
+        raise ModelDecodeError(
+            f"model {label!r} is not an ONNX model: the decoded ModelProto has no {missing} "
+            f"({len(data)} bytes; random bytes or another protobuf)")
+    return proto
+
+
+def validate(proto: onnx.ModelProto, label: str, base_dir: str | None = None) -> onnx.ModelProto:
+    """Check and normalise a ModelProto in place; returns it with shapes inferred."""
+    graph = proto.graph
+    _check_opsets(proto, label)
+    _load_external_data(proto, label, base_dir)
+    _name_nodes(graph)
+    _check_domains(graph, proto, label)
+    _sort_nodes(graph, label)
+    try:
+        onnx.checker.check_model(proto)
+    except onnx.checker.ValidationError as exc:
+        raise InvalidModelError(f"model {label!r} failed the ONNX checker: {_first_line(exc)}") from exc
+    return _infer_shapes(proto, label)
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())[:600]
+
+
+def _check_opsets(proto: onnx.ModelProto, label: str) -> None:
+    default = [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")]
+    if not default and any(n.domain in ("", "ai.onnx") for n in proto.graph.node):
+        raise UnsupportedOpsetError(
+            f"model {label!r} imports no default ONNX opset (field opset_import); "
+            f"Hetero supports opset {MIN_OPSET} to {MAX_OPSET}")
+    for version in default:
+        if not MIN_OPSET <= version <= MAX_OPSET:
+            raise UnsupportedOpsetError(
+                f"model {label!r} imports ONNX opset {version} (field opset_import); Hetero "
+                f"supports opset {MIN_OPSET} to {MAX_OPSET} (onnx {onnx.__version__})")
+
+
+def _load_external_data(proto: onnx.ModelProto, label: str, base_dir: str | None) -> None:
+    external = [t for t in onnx.external_data_helper._get_all_tensors(proto)
+                if onnx.external_data_helper.uses_external_data(t)]
+    if not external:
+        return
+    if base_dir is None:
+        raise MissingInitializerError(
+            f"model {label!r}: initializer {external[0].name!r} keeps its data in an external "
+            "file; load the model from its path so the file can be found")
+    for tensor in external:
+        info = onnx.external_data_helper.ExternalDataInfo(tensor)
+        file = Path(base_dir) / info.location
+        if not file.is_file():
+            raise MissingInitializerError(
+                f"model {label!r}: initializer {tensor.name!r} needs external data file "
+                f"{str(file)!r}, which does not exist")
+    try:
+        onnx.external_data_helper.load_external_data_for_model(proto, base_dir)
+    except (OSError, ValueError) as exc:
+        raise MissingInitializerError(
+            f"model {label!r}: external initializer data unreadable: {exc}") from exc
+
+
+def _name_nodes(graph: onnx.GraphProto) -> None:
+    """Give every top-level node a unique name: plans, affinities and errors refer to them."""
+    counts = Counter(n.name for n in graph.node if n.name)
+    taken = set(counts)
+    for index, node in enumerate(graph.node):
+        if node.name and counts[node.name] == 1:
+            continue
+        base = node.name or f"{node.op_type}_{index}"
+        candidate = base if base not in taken else f"{base}__{index}"
+        while candidate in taken:
+            candidate += "_"
+        if node.name:
+            counts[node.name] -= 1
+        taken.add(candidate)
+        node.name = candidate
+
+
+def _check_domains(graph: onnx.GraphProto, proto: onnx.ModelProto, label: str) -> None:
+    known = _known_domains() | kernels.domains() | {f.domain for f in proto.functions}
+    for node in graph.node:
+        if node.domain not in known:
+            raise UnknownDomainError(
+                f"model {label!r}: node {node.name!r} ({node.op_type}) uses operator domain "
+                f"{node.domain!r}, which has no ONNX schema and no custom kernel; register one "
+                f"with hetero.kernel({node.domain!r}, {node.op_type!r}, ...) before loading")
+
+
+def _sort_nodes(graph: onnx.GraphProto, label: str) -> None:
+    """Topologically sort nodes in place; dangling inputs and cycles raise, naming the culprits."""
+    available = {i.name for i in graph.input} | {t.name for t in graph.initializer} | {""}
+    available |= {t.values.name for t in graph.sparse_initializer}
+    producers: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        for out in node.output:
+            if out:
+                producers[out] = index
+    needs: list[list[str]] = []
+    for node in graph.node:
+        wanted = [*node.input, *outer_scope_inputs(node)]
+        for name in wanted:
+            if name not in available and name not in producers:
+                raise DanglingInputError(
+                    f"model {label!r}: node {node.name!r} ({node.op_type}) reads tensor {name!r}, "
+                    "which no graph input, initializer or node provides")
+        needs.append([n for n in wanted if n not in available])
+    for out in graph.output:
+        if out.name not in available and out.name not in producers:
+            raise DanglingInputError(
+                f"model {label!r}: graph output {out.name!r} is not produced by any node, input or "
+                "initializer")
+
+    waiting = {i: {producers[n] for n in names} for i, names in enumerate(needs)}
+    dependents: dict[int, list[int]] = {}
+    for i, deps in waiting.items():
+        for d in deps:
+            dependents.setdefault(d, []).append(i)
+    ready = [i for i, deps in waiting.items() if not deps]
+    heapq.heapify(ready)
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for j in dependents.get(i, ()):
+            waiting[j].discard(i)
+            if not waiting[j]:
+                heapq.heappush(ready, j)
+    if len(order) < len(graph.node):
+        stuck = set(range(len(graph.node))) - set(order)
+        cycle = _find_cycle(stuck, waiting)
+        names = " -> ".join(repr(graph.node[i].name) for i in cycle)
+        raise GraphCycleError(f"model {label!r}: the graph has a cycle: {names}")
+    if order != list(range(len(graph.node))):
+        nodes = [graph.node[i] for i in order]
+        copies = [onnx.NodeProto() for _ in nodes]
+        for copy, node in zip(copies, nodes, strict=True):
+            copy.CopyFrom(node)
+        del graph.node[:]
+        graph.node.extend(copies)
+
+
+def _find_cycle(stuck: set[int], waiting: dict[int, set[int]]) -> list[int]:
+    """One cycle among nodes that could not be ordered, as a closed path of node indices."""
+    start = min(stuck)
+    path, seen = [start], {start: 0}
+    while True:
+        nxt = min(d for d in waiting[path[-1]] if d in stuck)
+        if nxt in seen:
+            return [*path[seen[nxt]:], nxt]
+        seen[nxt] = len(path)
+        path.append(nxt)
+
+
+def _infer_shapes(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
+    def infer(model: onnx.ModelProto) -> onnx.ModelProto:
+        try:
+            return onnx.shape_inference.infer_shapes(model, check_type=True, strict_mode=True,
+                                                     data_prop=True)
+        except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError, RuntimeError) as exc:
+            if _fails_inside_function(model, str(exc)):
+                return onnx.shape_inference.infer_shapes(model, check_type=True, data_prop=True)
+            raise InvalidModelError(f"model {label!r} failed shape inference: {_first_line(exc)}") from exc
+
+    inferred = infer(proto)
+    custom = [n for n in inferred.graph.node if n.domain in kernels.domains()]
+    for node in custom:
+        known = {vi.name: vi for vi in (*inferred.graph.value_info, *inferred.graph.input,
+                                        *inferred.graph.output)}
+        known.update({t.name: helper.make_tensor_value_info(t.name, t.data_type, t.dims)
+                      for t in inferred.graph.initializer})
+        if all(o in known and known[o].type.tensor_type.elem_type for o in node.output if o):
+            continue
+        infos = [tensor_info(known[i]) if i in known else None for i in node.input]
+        inferred_outputs = _custom_output_types(node, infos, label)
+        if inferred_outputs is None:
+            continue
+        for out, (dtype, shape) in zip(node.output, inferred_outputs, strict=False):
+            if out and out not in known:
+                inferred.graph.value_info.append(helper.make_tensor_value_info(
+                    out, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+        inferred = infer(inferred)
+    return inferred
+
+
+def _fails_inside_function(model: onnx.ModelProto, message: str) -> bool:
+    """The strict-inference error comes from inside the function body of a node's op, not the model.
+
+    ONNX expands function ops (e.g. MeanVarianceNormalization) to infer their shapes; when that
+    expansion trips over itself the model is fine, and lenient inference is used instead.
+    """
+    opsets = {o.domain or "": o.version for o in model.opset_import}
+    for node in model.graph.node:
+        if f"node name: {node.name})" not in message:
+            continue
+        try:
+            schema = onnx.defs.get_schema(node.op_type, opsets.get(node.domain, 1), node.domain)
+        except onnx.defs.SchemaError:
+            return False
+        return schema.has_function or schema.has_context_dependent_function
+    return False
+
+
+def _custom_output_types(node: onnx.NodeProto, infos: list, label: str) -> list | None:
+    """Output (dtype, shape) of a custom node from its kernels' `infer`, if any kernel has one."""
+    for spec in kernels.find(node.domain, node.op_type):
+        if spec.infer is None:
+            continue
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        dtypes = [i.dtype if i else None for i in infos]
+        shapes = [i.shape if i else None for i in infos]
+        try:
+            return list(spec.infer(dtypes, shapes, attrs))
+        except Exception as exc:
+            raise InvalidModelError(
+                f"model {label!r}: the infer function of custom kernel {node.domain}::{node.op_type} "
+                f"failed on node {node.name!r}: {exc}") from exc
+    return None

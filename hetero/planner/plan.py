@@ -1,0 +1,139 @@
+"""The plan: partitions, the transfers between memory spaces, and the order they may run in."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from hetero.executors import Executor
+from hetero.graph import Model, Node
+from hetero.planner.partition import partition
+
+HOST = "cpu"
+
+
+@dataclass(frozen=True)
+class Partition:
+    """A set of nodes placed on one executor and compiled as one unit."""
+
+    index: int
+    executor: Executor
+    nodes: tuple[Node, ...]
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    depends_on: tuple[int, ...]
+
+    @property
+    def op_histogram(self) -> Counter:
+        return Counter(n.op_type for n in self.nodes)
+
+    def describe_ops(self, limit: int = 4) -> str:
+        common = self.op_histogram.most_common()
+        text = ", ".join(f"{op} {count}" for op, count in common[:limit])
+        return text + (f", +{len(common) - limit} more" if len(common) > limit else "")
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """A tensor crossing from one memory space to another; `consumer` None means the caller."""
+
+    tensor: str
+    nbytes: int | None
+    source: str
+    target: str
+    producer: int | None
+    consumer: int | None
+
+    @property
+    def link(self) -> str:
+        return f"{self.source} -> {self.target}"
+
+
+@dataclass
+class Plan:
+    """Where each part of a model runs, and what crosses between memory spaces."""
+
+    model: Model
+    policy: str
+    partitions: tuple[Partition, ...]
+    transfers: tuple[Transfer, ...]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def executors(self) -> list[Executor]:
+        return list(dict.fromkeys(p.executor for p in self.partitions))
+
+    def executor_of(self, node: Node | str) -> Executor:
+        name = node if isinstance(node, str) else node.name
+        for part in self.partitions:
+            if any(n.name == name for n in part.nodes):
+                return part.executor
+        raise KeyError(f"node {name!r} is not in the plan of model {self.model.label!r}")
+
+    @property
+    def transfer_bytes(self) -> int:
+        return sum(t.nbytes or 0 for t in self.transfers)
+
+    def rows(self) -> tuple[list[list[str]], list[list[str]]]:
+        """Table rows for partitions and transfers (what `hetero plan` prints)."""
+        parts = [[str(p.index), p.executor.name, str(len(p.nodes)), p.describe_ops(),
+                  ", ".join(map(str, p.depends_on)) or "-"] for p in self.partitions]
+        transfers = [[t.tensor, _bytes(t.nbytes), t.link,
+                      "input" if t.producer is None else f"#{t.producer}",
+                      "output" if t.consumer is None else f"#{t.consumer}"] for t in self.transfers]
+        return parts, transfers
+
+    def __str__(self) -> str:
+        parts, transfers = self.rows()
+        lines = [f"plan for {self.model.label} ({len(self.model.nodes)} nodes, policy {self.policy}): "
+                 f"{len(self.partitions)} partitions, {len(self.transfers)} transfers, "
+                 f"{_bytes(self.transfer_bytes)} moved"]
+        lines += [f"  #{r[0]:<3} {r[1]:<22} {r[2]:>4} nodes  [{r[3]}]  after: {r[4]}" for r in parts]
+        lines += [f"  transfer {r[0]} ({r[1]}) {r[2]}  {r[3]} -> {r[4]}" for r in transfers]
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def _bytes(n: int | float | None) -> str:
+    if n is None:
+        return "?"
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB"):
+        n /= 1024
+        if n < 1024 or unit == "GiB":
+            break
+    return f"{n:.1f} {unit}"
+
+
+def build_plan(model: Model, assignment: Sequence[Executor], policy: str,
+               notes: Sequence[str] = ()) -> Plan:
+    """Partition a node -> executor assignment and derive the transfers it implies."""
+    groups = partition(model, [e.name for e in assignment])
+    producer_part: dict[str, int] = {}
+    partitions: list[Partition] = []
+    for index, members in enumerate(groups):
+        executor = assignment[members[0]]
+        inputs, outputs = model.boundary(members)
+        depends = sorted({producer_part[i] for i in inputs if i in producer_part})
+        partitions.append(Partition(index, executor, tuple(model.nodes[m] for m in members),
+                                    tuple(inputs), tuple(outputs), tuple(depends)))
+        for out in outputs:
+            producer_part[out] = index
+    transfers: dict[tuple[str, str], Transfer] = {}
+    for part in partitions:
+        for name in part.inputs:
+            source_part = producer_part.get(name)
+            source = HOST if source_part is None else partitions[source_part].executor.memory_space
+            if source != part.executor.memory_space:
+                transfers.setdefault((name, part.executor.memory_space), Transfer(
+                    name, model.tensor(name).nbytes, source, part.executor.memory_space,
+                    source_part, part.index))
+    for name in model.output_names:
+        source_part = producer_part.get(name)
+        if source_part is not None and partitions[source_part].executor.memory_space != HOST:
+            transfers.setdefault((name, HOST), Transfer(
+                name, model.tensor(name).nbytes, partitions[source_part].executor.memory_space, HOST,
+                source_part, None))
+    return Plan(model, policy, tuple(partitions), tuple(transfers.values()), list(notes))
