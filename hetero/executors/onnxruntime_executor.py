@@ -146,6 +146,9 @@ class OnnxRuntimeExecutor(Executor):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        # Host libraries take turns on the same cores: threads that spin after a run would steal
+        # them from the next partition's library.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def supports_op(self, node: Node, model: Model) -> bool:

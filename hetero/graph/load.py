@@ -230,13 +230,13 @@ def _sort_nodes(graph: onnx.GraphProto, label: str) -> None:
 
 
 def _find_cycle(stuck: set[int], waiting: dict[int, set[int]]) -> list[int]:
-    """One cycle among nodes that could not be ordered, as a closed path of node indices."""
+    """One cycle among nodes that could not be ordered, as a closed path in data-flow order."""
     start = min(stuck)
     path, seen = [start], {start: 0}
     while True:
         nxt = min(d for d in waiting[path[-1]] if d in stuck)
         if nxt in seen:
-            return [*path[seen[nxt]:], nxt]
+            return [*path[seen[nxt]:], nxt][::-1]
         seen[nxt] = len(path)
         path.append(nxt)
 

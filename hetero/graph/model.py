@@ -338,3 +338,28 @@ class Model:
             return vi
         return onnx.ValueInfoProto(name=name)
 
+
+
+def example_feeds(model: Model, seed: int = 0,
+                  dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Random feeds matching a model's inputs; symbolic dims take `dims[name]` or 1.
+
+    Floats are N(0, 1), integers in [0, 10), booleans fair coins: enough to run and compare.
+    """
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for info in model.inputs:
+        if info.kind != "tensor" or info.dtype is None:
+            raise ValueError(f"model {model.label!r}: cannot make an example for input {info.name!r} "
+                             f"of kind {info.kind}")
+        shape = [d if isinstance(d, int) else (dims or {}).get(str(d), 1) for d in (info.shape or ())]
+        if info.dtype.kind == "f":
+            feeds[info.name] = rng.standard_normal(shape).astype(info.dtype)
+        elif info.dtype.kind in "iu":
+            feeds[info.name] = rng.integers(0, 10, shape).astype(info.dtype)
+        elif info.dtype.kind == "b":
+            feeds[info.name] = rng.random(shape) < 0.5
+        else:
+            raise ValueError(f"model {model.label!r}: no example values for input {info.name!r} "
+                             f"of type {info.dtype}")
+    return feeds

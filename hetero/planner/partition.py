@@ -9,9 +9,9 @@ kept as integer bitsets so a merge test is a few bit operations.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 
-from hetero.graph import Model
+from hetero.graph import Model, Node
 
 
 class _Groups:
@@ -91,23 +91,35 @@ def _bits(mask: int) -> list[int]:
 def partition(model: Model, keys: Sequence[Hashable]) -> list[list[int]]:
     """Group node indices by `keys[i]` (the executor of node i) into acyclic partitions.
 
-    Returns node-index lists, each in topological order, the lists themselves in an order in
-    which they can run one after another.
+    The greedy growth runs from the inputs and from the outputs and keeps whichever gives fewer
+    partitions. Returns node-index lists, each in topological order, the lists themselves in an
+    order in which they can run one after another.
     """
+    forward = _grow(model.nodes, model.predecessors, keys)
+    backward = _grow(model.nodes[::-1], model.successors, keys)
+    backward.anc, backward.desc = backward.desc, backward.anc
+    return _ordered(min(forward, backward, key=lambda groups: len(groups.members)))
+
+
+def _grow(nodes: Sequence[Node], parents_of: Callable[[Node], Sequence[Node]],
+          keys: Sequence[Hashable]) -> _Groups:
+    """Add nodes one by one (parents first) to a group of their key: a parent's if possible, else
+    any other that keeps the group graph acyclic, else a new one; then merge whole groups."""
     groups = _Groups()
     group_of: dict[int, int] = {}
-    for node in model.nodes:
-        parents = {group_of[p.index] for p in model.predecessors(node)}
+    for node in nodes:
+        parents = {group_of[p.index] for p in parents_of(node)}
         key = keys[node.index]
-        same = sorted((g for g in parents if groups.key[g] == key), reverse=True)
-        target = next((g for g in same if groups.can_join(g, parents)), None)
+        same = sorted((g for g in groups.members if groups.key[g] == key), reverse=True)
+        ranked = [g for g in same if g in parents] + [g for g in same if g not in parents]
+        target = next((g for g in ranked if groups.can_join(g, parents)), None)
         if target is None:
             group_of[node.index] = groups.new(key, node.index, parents)
         else:
             groups.join(target, node.index, parents)
             group_of[node.index] = target
     _merge_groups(groups)
-    return _ordered(groups)
+    return groups
 
 
 def _merge_groups(groups: _Groups) -> None:
@@ -125,7 +137,7 @@ def _merge_groups(groups: _Groups) -> None:
 
 
 def _ordered(groups: _Groups) -> list[list[int]]:
-    waiting = {g: {a for a in _bits(groups.anc[g])} for g in groups.members}
+    waiting = {g: set(_bits(groups.anc[g])) for g in groups.members}
     ready = [(min(groups.members[g]), g) for g, deps in waiting.items() if not deps]
     heapq.heapify(ready)
     done: set[int] = set()

@@ -87,4 +87,5 @@ def place_manual(capability: Capability, affinity: Mapping[str, str | Executor])
 
 
 def _matches(pattern: str, node: Node) -> bool:
-    return pattern in (node.op_type, node.qualified_type) or fnmatch.fnmatchcase(node.name, pattern)
+    exact = pattern in (node.op_type, node.qualified_type, node.name)
+    return exact or fnmatch.fnmatchcase(node.name, pattern)
