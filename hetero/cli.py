@@ -140,6 +140,19 @@ def run(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
         _check_against_onnxruntime(loaded, feeds, outputs)
 
 
+@app.command()
+def demo(repeats: Annotated[int, typer.Option(help="Timed runs per configuration.")] = 20) -> None:
+    """Spread the NanoDet-g detector over every executor library found; check and time it."""
+    from hetero.demo import tour
+
+    inventory = hetero.devices()
+    console.print(str(inventory))
+    try:
+        tour(repeats=repeats, say=console.print, show_plan=_print_plan)
+    except hetero.HeteroError as exc:
+        _fail(exc)
+
+
 def _feeds(model: hetero.Model, files: dict[str, str], dims: dict[str, str]) -> dict[str, np.ndarray]:
     try:
         sizes = {k: int(v) for k, v in dims.items()}
