@@ -19,6 +19,7 @@ from hetero.errors import (
     ModelError,
     ModelNotFoundError,
     PlanError,
+    QueueFullError,
     RunError,
     UnknownDomainError,
     UnsupportedOpsetError,
@@ -27,7 +28,7 @@ from hetero.graph import Model, Node, TensorInfo, load
 from hetero.inventory import devices
 from hetero.kernels import kernel
 from hetero.planner import Plan, plan
-from hetero.runtime import Session, compile
+from hetero.runtime import ReplicaPool, Session, compile
 
 __version__ = "0.1.0"
 
@@ -48,6 +49,8 @@ __all__ = [
     "Node",
     "Plan",
     "PlanError",
+    "QueueFullError",
+    "ReplicaPool",
     "RunError",
     "Session",
     "TensorInfo",

@@ -50,6 +50,10 @@ class InputError(HeteroError, ValueError):
     """The feeds given to `Session.run` do not match the model's inputs."""
 
 
+class QueueFullError(HeteroError):
+    """Too many requests are in flight; the caller should back off and retry."""
+
+
 class PlanError(HeteroError):
     """No valid placement exists for the model with the executors and policy given."""
 

@@ -133,19 +133,24 @@ def _resolve_one(spec: str | Executor) -> list[Executor]:
     return matches
 
 
-_variants: dict[tuple[str, str], Executor] = {}
+_variants: dict[tuple, Executor] = {}
 
 
-def variant_of(executor: Executor, precision: str) -> Executor:
-    """The same library and device at another precision (e.g. OpenVINO bf16), cached."""
-    if getattr(executor, "precision", "fp32") == precision:
+def variant_of(executor: Executor, precision: str | None = None, *, threads: int | None = None,
+               stream: int | None = None) -> Executor:
+    """The same library and device at another precision (OpenVINO bf16), thread budget or CPU
+    stream; one instance per variant, so capability probes are shared."""
+    precision = precision or getattr(executor, "precision", "fp32")
+    threads = threads or executor.threads
+    if (precision, threads, stream) == (getattr(executor, "precision", "fp32"), executor.threads,
+                                        executor.stream):
         return executor
-    key = (executor.name, precision)
+    key = (executor.library, str(executor.device), precision, threads, stream)
     with _lock:
         if key not in _variants:
             try:
-                _variants[key] = type(executor)(executor.device, threads=executor.threads,
-                                                precision=precision)
+                changes = {"precision": precision} if precision != "fp32" else {}
+                _variants[key] = executor.variant(threads=threads, stream=stream, **changes)
             except TypeError:
                 raise ExecutorUnavailableError(
                     f"executor {executor.name} has no precision variant {precision!r}") from None

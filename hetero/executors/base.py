@@ -81,17 +81,28 @@ class Executor(ABC):
     #: A node reading or writing another type stays off this executor.
     exchange_dtypes: ClassVar[frozenset[str] | None] = None
 
-    def __init__(self, device: Device = CPU, *, threads: int | None = None):
+    def __init__(self, device: Device = CPU, *, threads: int | None = None, stream: int | None = None):
         self.device = device
         self.threads = threads or default_threads()
+        self.stream = stream
 
     @property
     def name(self) -> str:
-        return f"{self.library}@{self.device}"
+        return f"{self.library}@{self.device}" + ("" if self.stream is None else f"#{self.stream}")
 
     @property
     def memory_space(self) -> str:
         return str(self.device)
+
+    @property
+    def resource(self) -> str:
+        """The compute this executor occupies while it runs: partitions on one resource take
+        turns, partitions on different resources run at once. A CPU stream is its own resource."""
+        return str(self.device) if self.stream is None else f"{self.device}#{self.stream}"
+
+    def variant(self, *, threads: int | None = None, stream: int | None = None) -> Executor:
+        """The same library and device with another thread budget or as a CPU stream."""
+        return type(self)(self.device, threads=threads or self.threads, stream=stream)
 
     def __repr__(self) -> str:
         return f"<executor {self.name}>"

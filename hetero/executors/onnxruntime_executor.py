@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -124,12 +124,10 @@ class OnnxRuntimeExecutor(Executor):
     library = "onnxruntime"
     extra = "onnxruntime"
     compiles_graphs = True
+    # Capability answers, by node signature, shared by every instance (variants, streams).
+    _probe_cache: ClassVar[dict[str, bool]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
     exchange_dtypes = NUMPY_NATIVE_TYPES | {"string"}
-
-    def __init__(self, *args: Any, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self._probe_cache: dict[str, bool] = {}
-        self._lock = threading.Lock()
 
     @classmethod
     def discover(cls) -> list[Executor]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import onnx
@@ -166,21 +166,27 @@ class OpenVinoExecutor(Executor):
     library = "openvino"
     extra = "openvino"
     compiles_graphs = True
+    # Capability answers, by node signature, shared by every instance (variants, streams).
+    _probe_cache: ClassVar[dict[str, bool]] = {}
+    _lock: ClassVar[threading.Lock] = threading.Lock()
     # The CPU plugin computes f64 and f16 in f32, which is not ONNX's semantics for those types.
     exchange_dtypes = NUMPY_NATIVE_TYPES - {"double", "float16"}
 
-    def __init__(self, device: Device = CPU, *, threads: int | None = None, precision: str = "fp32"):
-        super().__init__(device, threads=threads)
+    def __init__(self, device: Device = CPU, *, threads: int | None = None, stream: int | None = None,
+                 precision: str = "fp32"):
+        super().__init__(device, threads=threads, stream=stream)
         if precision not in _PRECISIONS:
             raise ValueError(f"openvino precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
         self.precision = precision
-        self._probe_cache: dict[str, bool] = {}
-        self._lock = threading.Lock()
 
     @property
     def name(self) -> str:
-        base = f"{self.library}@{self.device}"
-        return base if self.precision == "fp32" else f"{base}[{self.precision}]"
+        return super().name + ("" if self.precision == "fp32" else f"[{self.precision}]")
+
+    def variant(self, *, threads: int | None = None, stream: int | None = None,
+                precision: str | None = None) -> Executor:
+        return type(self)(self.device, threads=threads or self.threads, stream=stream,
+                          precision=precision or self.precision)
 
     @classmethod
     def discover(cls) -> list[Executor]:

@@ -1,15 +1,26 @@
-"""Session: one compiled plan, run one request at a time with `Session.run`.
+"""Session: a compiled plan, run one request at a time or many in flight.
 
 Values stay in the memory space of the executor that produced them; a value crosses to another
 space only when a partition there reads it, once per space and request. Executors that share a
 memory space (every host library) hand each other the same numpy arrays, no copies.
+
+Every partition runs holding its compute resource (see `workers`): partitions on one device take
+turns, partitions on different devices run at once. `run` executes a plan inline when it is a
+chain; plans with independent partitions on different resources, and every `submit`, go through
+the resources' worker threads, so stage k of request i+1 runs while stage k+1 of request i runs
+on another device. At most `max_in_flight` requests are in flight; `submit` blocks (or raises
+`QueueFullError`) beyond that, so memory stays bounded.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,11 +28,14 @@ import numpy as np
 from onnx import numpy_helper
 
 from hetero import planner
-from hetero.errors import CompileError, HeteroError, InputError, RunError
+from hetero.errors import CompileError, HeteroError, InputError, QueueFullError, RunError
 from hetero.executors import CompiledPartition, Executor
 from hetero.graph import Model, TensorInfo, load
 from hetero.graph.load import ModelSource
 from hetero.planner import HOST, Plan
+from hetero.runtime.workers import Resource, resource
+
+Feeds = Mapping[str, Any]
 
 
 @dataclass
@@ -39,14 +53,58 @@ class _Step:
     index: int
     executor: Executor
     compiled: CompiledPartition
-    release: tuple[str, ...]
+    resource: Resource
+    depends_on: tuple[int, ...]
+    dependents: tuple[int, ...]
 
 
 class _PartitionFailed(Exception):
-    def __init__(self, step: _Step, error: Exception):
+    def __init__(self, step: _Step, error: BaseException):
         super().__init__(str(error))
         self.step = step
         self.error = error
+
+
+class _Values:
+    """One request's values by name and memory space, released when their last reader is done."""
+
+    def __init__(self, arrays: dict[str, Any], uses: dict[str, int], keep: set[str]):
+        self._held: dict[str, dict[str, tuple[Executor | None, Any]]] = {
+            name: {HOST: (None, array)} for name, array in arrays.items()}
+        self._left = dict(uses)
+        self._keep = keep
+        self._lock = threading.Lock()
+        self.transfers = 0
+        self.transfer_bytes = 0
+
+    def fetch(self, name: str, target: Executor | None) -> Any:
+        """`name` in the target's memory space (None: host), moving it there once if needed."""
+        space = HOST if target is None else target.memory_space
+        with self._lock:
+            held = self._held[name]
+            if space in held:
+                return held[space][1]
+            owner, value = held.get(HOST) or next(iter(held.values()))
+        host = value if owner is None or owner.memory_space == HOST else owner.to_host(value)
+        moved = host if target is None or space == HOST else target.to_device(host)
+        with self._lock:
+            if space not in held:
+                held[space] = (target, moved)
+                self.transfers += 1
+                self.transfer_bytes += int(getattr(host, "nbytes", 0))
+            return held[space][1]
+
+    def put(self, executor: Executor, names: Sequence[str], outputs: Sequence[Any]) -> None:
+        with self._lock:
+            for name, value in zip(names, outputs, strict=True):
+                self._held[name] = {executor.memory_space: (executor, value)}
+
+    def consumed(self, names: Sequence[str]) -> None:
+        with self._lock:
+            for name in names:
+                self._left[name] -= 1
+                if self._left[name] == 0 and name not in self._keep:
+                    self._held.pop(name, None)
 
 
 class _Program:
@@ -55,61 +113,167 @@ class _Program:
     def __init__(self, plan: Plan, compiled: Sequence[CompiledPartition]):
         self.plan = plan
         model = plan.model
-        last_use: dict[str, int] = {}
-        for part, comp in zip(plan.partitions, compiled, strict=True):
-            for name in comp.input_names:
-                last_use[name] = part.index
-        keep = set(model.output_names)
-        self.steps = [
-            _Step(part.index, part.executor, comp,
-                  tuple(n for n, last in last_use.items() if last == part.index and n not in keep))
-            for part, comp in zip(plan.partitions, compiled, strict=True)]
+        dependents: dict[int, list[int]] = {p.index: [] for p in plan.partitions}
+        for part in plan.partitions:
+            for before in part.depends_on:
+                dependents[before].append(part.index)
+        self.steps = [_Step(p.index, p.executor, c, resource(p.executor.resource), tuple(p.depends_on),
+                            tuple(dependents[p.index]))
+                      for p, c in zip(plan.partitions, compiled, strict=True)]
+        self.uses: dict[str, int] = {}
+        for step in self.steps:
+            for name in step.compiled.input_names:
+                self.uses[name] = self.uses.get(name, 0) + 1
+        self.keep = set(model.output_names)
         produced = {o for p in plan.partitions for o in p.outputs} | set(model.input_names)
         self.constants = {name: _initializer(model, name) for name in model.output_names
                           if name not in produced}
+        self.parallel = _has_parallel_branches(plan)
 
-    def execute(self, arrays: dict[str, np.ndarray], wanted: Sequence[str], moved: list[int]) -> dict:
-        values: dict[str, dict[str, tuple[Executor | None, Any]]] = {
-            name: {HOST: (None, array)} for name, array in arrays.items()}
-        for step in self.steps:
-            args = [_fetch(values, name, step.executor, moved) for name in step.compiled.input_names]
-            try:
-                outputs = step.compiled(args)
-            except Exception as exc:
-                raise _PartitionFailed(step, exc) from exc
-            for name, value in zip(step.compiled.output_names, outputs, strict=True):
-                values[name] = {step.executor.memory_space: (step.executor, value)}
-            for name in step.release:
-                values.pop(name, None)
+    def _values(self, arrays: dict[str, Any]) -> _Values:
+        return _Values(arrays, self.uses, self.keep)
+
+    def _run_step(self, step: _Step, values: _Values) -> None:
+        try:
+            args = [values.fetch(name, step.executor) for name in step.compiled.input_names]
+            outputs = step.resource.run(step.compiled, args)
+        except Exception as exc:
+            raise _PartitionFailed(step, exc) from exc
+        values.put(step.executor, step.compiled.output_names, outputs)
+        values.consumed(step.compiled.input_names)
+
+    def _collect(self, values: _Values, wanted: Sequence[str]) -> dict[str, Any]:
         result = {}
         for name in wanted:
-            if name in self.constants:
-                result[name] = self.constants[name]
-            else:
-                value = _fetch(values, name, None, moved)
-                result[name] = np.asarray(value) if isinstance(value, np.generic) else value
+            value = self.constants[name] if name in self.constants else values.fetch(name, None)
+            result[name] = np.asarray(value) if isinstance(value, np.generic) else value
         return result
 
+    def execute(self, arrays: dict[str, Any], wanted: Sequence[str]) -> tuple[dict, _Values]:
+        """Run the steps one after another in the calling thread."""
+        values = self._values(arrays)
+        for step in self.steps:
+            self._run_step(step, values)
+        return self._collect(values, wanted), values
 
-def _fetch(values: dict, name: str, target: Executor | None, moved: list[int]) -> Any:
-    """`name` in the target's memory space (None: host), moving it there once if needed."""
-    space = HOST if target is None else target.memory_space
-    held = values[name]
-    if space in held:
-        return held[space][1]
-    owner, value = held.get(HOST) or next(iter(held.values()))
-    host = value if owner is None or owner.memory_space == HOST else owner.to_host(value)
-    result = host if target is None or space == HOST else target.to_device(host)
-    held[space] = (target, result)
-    moved[0] += 1
-    moved[1] += int(getattr(host, "nbytes", 0))
-    return result
+    def launch(self, arrays: dict[str, Any], wanted: Sequence[str],
+               done: Callable[[dict | None, BaseException | None, _Values], None]) -> None:
+        """Post each step to its resource's worker as soon as its inputs exist; call `done` once."""
+        values = self._values(arrays)
+        waiting = {step.index: len(step.depends_on) for step in self.steps}
+        state = {"finished": 0, "failed": False}
+        lock = threading.Lock()
+
+        def run(step: _Step) -> None:
+            if state["failed"]:
+                return
+            try:
+                self._run_step(step, values)
+            except _PartitionFailed as failed:
+                with lock:
+                    first, state["failed"] = not state["failed"], True
+                if first:
+                    done(None, failed, values)
+                return
+            with lock:
+                state["finished"] += 1
+                ready = [d for d in step.dependents if _decrement(waiting, d) == 0]
+                complete = state["finished"] == len(self.steps)
+            for index in ready:
+                post(self.steps[index])
+            if complete:
+                finish()
+
+        def post(step: _Step) -> None:
+            step.resource.post(lambda: run(step))
+
+        def finish() -> None:
+            try:
+                result = self._collect(values, wanted)
+            except Exception as exc:
+                done(None, exc, values)
+                return
+            done(result, None, values)
+
+        starts = [step for step in self.steps if not step.depends_on]
+        if not self.steps:
+            finish()
+        for step in starts:
+            post(step)
+
+
+def _decrement(counts: dict[int, int], key: int) -> int:
+    counts[key] -= 1
+    return counts[key]
+
+
+def _has_parallel_branches(plan: Plan) -> bool:
+    """Two partitions on different resources with no path between them could run at once."""
+    reach: dict[int, set[int]] = {}
+    for part in plan.partitions:
+        reach[part.index] = set(part.depends_on).union(*(reach[d] for d in part.depends_on))
+    parts = plan.partitions
+    return any(a.executor.resource != b.executor.resource and a.index not in reach[b.index]
+               for i, a in enumerate(parts) for b in parts[i + 1:])
 
 
 Rebuild = Callable[[], tuple[Plan, list[CompiledPartition]]]
 
 
-class Session:
+class Requests(ABC):
+    """What a Session and a ReplicaPool share: `run_async` and `map` on top of `submit`."""
+
+    max_in_flight: int
+
+    @abstractmethod
+    def submit(self, feeds: Feeds, output_names: Sequence[str] | None = None, *, block: bool = True,
+               timeout: float | None = None) -> Future: ...
+
+    @abstractmethod
+    def close(self, wait: bool = True) -> None: ...
+
+    def __enter__(self) -> Requests:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def run_async(self, feeds: Feeds,
+                        output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+        """The asyncio twin of `run`: awaits a slot and the result without blocking the loop."""
+        future = await asyncio.to_thread(self.submit, feeds, output_names)
+        return await asyncio.wrap_future(future)
+
+    def map(self, requests: Iterable[Feeds], output_names: Sequence[str] | None = None, *,
+            ordered: bool = True) -> Iterator[dict[str, np.ndarray]]:
+        """Run a stream of requests (e.g. video frames) with up to `max_in_flight` in flight.
+
+        Results come in input order when `ordered`, else as they complete.
+        """
+        window: deque[Future] = deque()
+        for feeds in requests:
+            window.append(self.submit(feeds, output_names))
+            if ordered:
+                while window and (window[0].done() or len(window) >= self.max_in_flight):
+                    yield window.popleft().result()
+            else:
+                finished, _ = wait(window, timeout=0 if len(window) < self.max_in_flight else None,
+                                   return_when=FIRST_COMPLETED)
+                for future in [f for f in window if f in finished]:
+                    window.remove(future)
+                    yield future.result()
+        while window:
+            if ordered:
+                yield window.popleft().result()
+            else:
+                finished, _ = wait(window, return_when=FIRST_COMPLETED)
+                for future in [f for f in window if f in finished]:
+                    window.remove(future)
+                    yield future.result()
+
+
+
+class Session(Requests):
     """A model compiled for this host's executors; build it with `hetero.compile`.
 
     If a library fails while running a partition it claimed it could run, the session records
@@ -117,10 +281,14 @@ class Session:
     kept only if it succeeds, so a bad request cannot degrade the plan.
     """
 
-    def __init__(self, plan: Plan, compiled: Sequence[CompiledPartition], rebuild: Rebuild | None = None):
+    def __init__(self, plan: Plan, compiled: Sequence[CompiledPartition], rebuild: Rebuild | None = None,
+                 max_in_flight: int = 16):
         self.model: Model = plan.model
         self.stats = RunStats()
+        self.max_in_flight = max_in_flight
         self._lock = threading.Lock()
+        self._slots = threading.BoundedSemaphore(max_in_flight)
+        self._closed = False
         self._rebuild = rebuild
         self._program = _Program(plan, compiled)
 
@@ -140,36 +308,95 @@ class Session:
     def outputs(self) -> tuple[TensorInfo, ...]:
         return self.model.outputs
 
-    def run(self, feeds: Mapping[str, Any] | Sequence[str] | None,
-            output_names: Mapping[str, Any] | Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: Feeds | Sequence[str] | None,
+            output_names: Feeds | Sequence[str] | None = None) -> dict[str, np.ndarray]:
         """Run one request: `run(feeds)` or `run(feeds, output_names)` -> {output name: array}.
 
         ONNX Runtime's argument order `run(output_names, feeds)` is accepted too; either way the
         result is a dict of host numpy arrays, all outputs when `output_names` is None.
         """
+        arrays, wanted = self._prepare(feeds, output_names)
+        program = self._program
+        if program.parallel:
+            return self._submit(arrays, wanted, True, None).result()
+        start = time.perf_counter()
+        try:
+            result, values = program.execute(arrays, wanted)
+        except _PartitionFailed as failed:
+            result, values = self._fall_back(program, failed, arrays, wanted)
+        self._count(values, start)
+        return result
+
+    def submit(self, feeds: Feeds, output_names: Sequence[str] | None = None, *, block: bool = True,
+               timeout: float | None = None) -> Future:
+        """Start a request; the Future gives what `run` returns. Bad feeds raise here, at once.
+
+        Beyond `max_in_flight` requests in flight this waits for a slot, or raises
+        `QueueFullError` when `block` is False or `timeout` passes.
+        """
+        arrays, wanted = self._prepare(feeds, output_names)
+        return self._submit(arrays, wanted, block, timeout)
+
+    def close(self, wait: bool = True) -> None:
+        """Refuse new requests; with `wait`, return once the requests in flight have finished."""
+        self._closed = True
+        if wait:
+            for _ in range(self.max_in_flight):
+                self._slots.acquire()
+            for _ in range(self.max_in_flight):
+                self._slots.release()
+
+    def _prepare(self, feeds: Any, output_names: Any) -> tuple[dict[str, Any], list[str]]:
+        if self._closed:
+            raise HeteroError(f"model {self.model.label!r}: the session is closed")
         if not isinstance(feeds, Mapping) and isinstance(output_names, Mapping):
             feeds, output_names = output_names, feeds
         if not isinstance(feeds, Mapping):
             raise InputError(f"model {self.model.label!r}: feeds must be a mapping of input name -> array, "
                              f"got {type(feeds).__name__}")
-        wanted = self._wanted(output_names)
-        arrays = self.check_feeds(feeds)
+        return self.check_feeds(feeds), self.resolve_outputs(output_names)
+
+    def _submit(self, arrays: dict[str, Any], wanted: list[str], block: bool,
+                timeout: float | None) -> Future:
+        if not self._slots.acquire(block, timeout if block else None):
+            raise QueueFullError(f"model {self.model.label!r}: {self.max_in_flight} requests already in "
+                                 "flight; try again later")
+        future: Future = Future()
         start = time.perf_counter()
-        moved = [0, 0]
         program = self._program
-        try:
-            result = program.execute(arrays, wanted, moved)
-        except _PartitionFailed as failed:
-            result = self._fall_back(program, failed, arrays, wanted, moved)
+
+        def done(result: dict | None, error: BaseException | None, values: _Values) -> None:
+            if isinstance(error, _PartitionFailed):
+                threading.Thread(target=recover, args=(error,), daemon=True).start()
+                return
+            self._slots.release()
+            self._count(values, start)
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def recover(failed: _PartitionFailed) -> None:
+            try:
+                result, values = self._fall_back(program, failed, arrays, wanted)
+            except BaseException as exc:
+                self._slots.release()
+                future.set_exception(exc)
+                return
+            done(result, None, values)
+
+        program.launch(arrays, wanted, done)
+        return future
+
+    def _count(self, values: _Values, start: float) -> None:
         with self._lock:
             self.stats.runs += 1
-            self.stats.transfers += moved[0]
-            self.stats.transfer_bytes += moved[1]
+            self.stats.transfers += values.transfers
+            self.stats.transfer_bytes += values.transfer_bytes
             self.stats.seconds += time.perf_counter() - start
-        return result
 
-    def _fall_back(self, program: _Program, failed: _PartitionFailed, arrays: dict, wanted: list[str],
-                   moved: list[int]) -> dict:
+    def _fall_back(self, program: _Program, failed: _PartitionFailed, arrays: dict,
+                   wanted: list[str]) -> tuple[dict, _Values]:
         step = failed.step
         part = program.plan.partitions[step.index]
         error = RunError(f"model {self.model.label!r}: partition #{step.index} on {step.executor.name} "
@@ -180,12 +407,12 @@ class Session:
         culprits = [n for n in part.nodes if f"'{n.name}'" in text] or list(part.nodes)
         with self._lock:
             if self._program is not program:  # another request already re-planned
-                return self._program.execute(arrays, wanted, moved)
+                return self._program.execute(arrays, wanted)
             for node in culprits:
                 planner.reject(step.executor, self.model, node)
             try:
                 new_program = _Program(*self._rebuild())
-                result = new_program.execute(arrays, wanted, moved)
+                result = new_program.execute(arrays, wanted)
             except (HeteroError, _PartitionFailed):
                 for node in culprits:
                     planner.forget(step.executor, self.model, node)
@@ -196,7 +423,8 @@ class Session:
             self._program = new_program
             return result
 
-    def _wanted(self, output_names: Sequence[str] | None) -> list[str]:
+    def resolve_outputs(self, output_names: Sequence[str] | None) -> list[str]:
+        """Output names to return: all when None; an unknown name is an `InputError`."""
         if output_names is None:
             return list(self.model.output_names)
         if isinstance(output_names, str):
@@ -257,7 +485,7 @@ def _initializer(model: Model, name: str) -> np.ndarray:
 
 def compile(model: ModelSource, executors: Sequence[str | Executor] | str | None = None,
             policy: str = "priority", *, affinity: Mapping[str, str | Executor] | None = None,
-            max_replans: int = 16) -> Session:
+            max_in_flight: int = 16, max_replans: int = 16) -> Session:
     """Load (if needed), plan and compile a model for this host; returns a `Session`.
 
     When a library rejects a partition at compile time, the nodes it rejects are recorded and the
@@ -278,7 +506,7 @@ def compile(model: ModelSource, executors: Sequence[str | Executor] | str | None
             return the_plan, compiled
         raise CompileError(f"model {model.label!r}: gave up after {max_replans} re-plans; last: {notes[-1]}")
 
-    return Session(*build(), rebuild=build)
+    return Session(*build(), rebuild=build, max_in_flight=max_in_flight)
 
 
 class _Rejected(Exception):
