@@ -27,8 +27,8 @@ from hetero.errors import (
 from hetero.graph import Model, Node, TensorInfo, load
 from hetero.inventory import devices
 from hetero.kernels import kernel
-from hetero.planner import Plan, plan
-from hetero.runtime import ReplicaPool, Session, compile
+from hetero.planner import Plan
+from hetero.runtime import ReplicaPool, Session, compile, plan
 
 __version__ = "0.1.0"
 

@@ -91,6 +91,12 @@ def available() -> list[Executor]:
     return sorted(executors, key=lambda e: 0 if is_accelerator(e) else 1)
 
 
+def reference() -> Executor:
+    """The exact host executor (ONNX semantics for every standard op): the fallback of last resort
+    and the source of reference values."""
+    return _resolve_one("numpy")[0]
+
+
 def is_accelerator(executor: Executor) -> bool:
     """A device with its own compute (a GPU or other card), as opposed to the host CPU."""
     return bool(getattr(executor, "accelerator", executor.device.kind != "cpu"))
@@ -168,6 +174,7 @@ __all__ = [
     "default_threads",
     "is_accelerator",
     "libraries",
+    "reference",
     "resolve",
     "variant_of",
 ]

@@ -141,6 +141,9 @@ class Executor(ABC):
         """This executor's device array -> host numpy array (identity on the host)."""
         return value
 
+    def synchronize(self) -> None:  # noqa: B027 - a no-op on the host, devices override it
+        """Wait until work queued on the device is done (for timing)."""
+
 
 def default_threads() -> int:
     """Cores this process may use: the CPU budget every host executor shares."""

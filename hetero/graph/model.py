@@ -264,6 +264,14 @@ class Model:
             digest.update(f">{self.tensor(name).describe()}".encode())
         return f"{node.op_type}-{digest.hexdigest()[:16]}"
 
+    @cached_property
+    def fingerprint(self) -> str:
+        """A key for the model's structure and shapes (not its weights): what timings depend on."""
+        digest = hashlib.sha1()
+        for node in self.nodes:
+            digest.update(f"{self.signature(node)}:{node.inputs}:{node.outputs};".encode())
+        return digest.hexdigest()[:20]
+
     def producer(self, name: str) -> Node | None:
         """The node that writes `name`, or None for graph inputs and initializers."""
         return self._producer.get(name)

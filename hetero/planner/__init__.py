@@ -1,4 +1,4 @@
-"""Planner: capability -> placement -> partitions + transfers -> Plan. It names no vendor."""
+"""Planner: capability -> cost -> placement -> partitions + transfers -> Plan. It names no vendor."""
 
 from __future__ import annotations
 
@@ -8,26 +8,62 @@ from hetero import executors as executor_registry
 from hetero.errors import PlanError
 from hetero.executors import Executor
 from hetero.graph import Model
+from hetero.planner.cost import CostModel, ExecutorProfile, Progress
 from hetero.planner.placement import Capability, forget, place_manual, place_priority, reject
-from hetero.planner.plan import HOST, Partition, Plan, Transfer, build_plan
+from hetero.planner.plan import HOST, CandidateReport, Partition, Plan, Transfer, build_plan
+from hetero.planner.search import Candidate, candidates, estimate
 
-POLICIES = ("priority", "manual")
+POLICIES = ("priority", "manual", "latency", "throughput", "auto")
+MEASURED_POLICIES = ("latency", "throughput", "auto")
 
 
 def plan(model: Model, executors: Sequence[str | Executor] | None = None, policy: str = "priority", *,
-         affinity: Mapping[str, str | Executor] | None = None) -> Plan:
-    """Place every node of `model` on one of `executors` by `policy` and cut it into partitions."""
+         affinity: Mapping[str, str | Executor] | None = None, assignment: Mapping[str, str] | None = None,
+         progress: Progress | None = None, profiles: Mapping[str, ExecutorProfile] | None = None) -> Plan:
+    """Place every node of `model` on one of `executors` by `policy` and cut it into partitions.
+
+    `assignment` (node name -> executor name, e.g. a measured candidate) is honoured wherever the
+    executor can still run the node; the rest falls back by priority. For the measured policies
+    this returns the best estimate; `hetero.plan` and `hetero.compile` measure candidates whole.
+    """
     chosen = executor_registry.resolve(executors)
     capability = Capability(model, chosen)
+    if assignment is not None:
+        by_name = {e.name: e for e in chosen}
+        placed = []
+        for node in model.nodes:
+            wanted = by_name.get(assignment.get(node.name, ""))
+            placed.append(wanted if wanted is not None and capability.can(wanted, node)
+                          else capability.first(node))
+        return build_plan(model, placed, policy)
     if policy == "priority":
         if affinity:
             raise PlanError("affinity rules need policy='manual'")
-        assignment = place_priority(capability)
-    elif policy == "manual":
-        assignment = place_manual(capability, affinity or {})
-    else:
-        raise PlanError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
-    return build_plan(model, assignment, policy)
+        return build_plan(model, place_priority(capability), policy)
+    if policy == "manual":
+        return build_plan(model, place_manual(capability, affinity or {}), policy)
+    if policy in MEASURED_POLICIES:
+        return search(model, chosen, progress=progress, profiles=profiles)[0].plan
+    raise PlanError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
-__all__ = ["HOST", "POLICIES", "Capability", "Partition", "Plan", "Transfer", "forget", "plan", "reject"]
+def search(model: Model, executors: Sequence[str | Executor] | None = None, *,
+           progress: Progress | None = None,
+           profiles: Mapping[str, ExecutorProfile] | None = None) -> list[Candidate]:
+    """Profile what is not measured yet, then return candidate placements, best estimate first."""
+    chosen = executor_registry.resolve(executors)
+    capability = Capability(model, chosen)
+    costs = CostModel(model, chosen, profiles)
+    able = {node.index: capability.candidates(node) for node in model.nodes}
+    costs.measure(costs.unmeasured(able), progress)
+    found = candidates(model, capability, costs)
+    for candidate in found:
+        candidate.plan.partition_estimates = {
+            p.index: costs.overhead_ms(p.executor) + sum(costs.node(n, p.executor).ms for n in p.nodes)
+            for p in candidate.plan.partitions}
+    return found
+
+
+__all__ = ["HOST", "MEASURED_POLICIES", "POLICIES", "Candidate", "CandidateReport", "Capability",
+           "CostModel", "ExecutorProfile", "Partition", "Plan", "Transfer", "estimate", "forget", "plan",
+           "reject", "search"]

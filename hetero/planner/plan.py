@@ -50,15 +50,32 @@ class Transfer:
         return f"{self.source} -> {self.target}"
 
 
+@dataclass(frozen=True)
+class CandidateReport:
+    """A placement the planner considered: estimated and (when measured) measured ms per request."""
+
+    name: str
+    estimated_ms: float
+    measured_ms: float | None
+    chosen: bool
+
+
 @dataclass
 class Plan:
-    """Where each part of a model runs, and what crosses between memory spaces."""
+    """Where each part of a model runs, and what crosses between memory spaces.
+
+    Measured policies fill `partition_estimates` / `partition_measured` (ms per partition) and
+    `candidates` (the placements considered, with their times), so the plan explains itself.
+    """
 
     model: Model
     policy: str
     partitions: tuple[Partition, ...]
     transfers: tuple[Transfer, ...]
     notes: list[str] = field(default_factory=list)
+    partition_estimates: dict[int, float] = field(default_factory=dict)
+    partition_measured: dict[int, float] = field(default_factory=dict)
+    candidates: list[CandidateReport] = field(default_factory=list)
 
     @property
     def executors(self) -> list[Executor]:
@@ -78,7 +95,8 @@ class Plan:
     def rows(self) -> tuple[list[list[str]], list[list[str]]]:
         """Table rows for partitions and transfers (what `hetero plan` prints)."""
         parts = [[str(p.index), p.executor.name, str(len(p.nodes)), p.describe_ops(),
-                  ", ".join(map(str, p.depends_on)) or "-"] for p in self.partitions]
+                  ", ".join(map(str, p.depends_on)) or "-", _ms(self.partition_estimates.get(p.index)),
+                  _ms(self.partition_measured.get(p.index))] for p in self.partitions]
         transfers = [[t.tensor, _bytes(t.nbytes), t.link,
                       "input" if t.producer is None else f"#{t.producer}",
                       "output" if t.consumer is None else f"#{t.consumer}"] for t in self.transfers]
@@ -89,10 +107,18 @@ class Plan:
         lines = [f"plan for {self.model.label} ({len(self.model.nodes)} nodes, policy {self.policy}): "
                  f"{len(self.partitions)} partitions, {len(self.transfers)} transfers, "
                  f"{_bytes(self.transfer_bytes)} moved"]
-        lines += [f"  #{r[0]:<3} {r[1]:<22} {r[2]:>4} nodes  [{r[3]}]  after: {r[4]}" for r in parts]
+        timed = self.partition_estimates or self.partition_measured
+        lines += [f"  #{r[0]:<3} {r[1]:<22} {r[2]:>4} nodes  [{r[3]}]  after: {r[4]}"
+                  + (f"  est {r[5]} ms, measured {r[6]} ms" if timed else "") for r in parts]
         lines += [f"  transfer {r[0]} ({r[1]}) {r[2]}  {r[3]} -> {r[4]}" for r in transfers]
+        lines += [f"  candidate {c.name}: est {_ms(c.estimated_ms)} ms, measured {_ms(c.measured_ms)} ms"
+                  + (" (chosen)" if c.chosen else "") for c in self.candidates]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _bytes(n: int | float | None) -> str:

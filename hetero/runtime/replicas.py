@@ -24,7 +24,8 @@ from hetero.errors import HeteroError, InputError, QueueFullError
 from hetero.executors import Executor, default_threads, is_accelerator
 from hetero.graph import example_feeds, load
 from hetero.graph.load import ModelSource
-from hetero.runtime.session import Feeds, Requests, Session, compile
+from hetero.planner import Plan
+from hetero.runtime.session import Feeds, Requests, Session, compile_plan
 
 _SMOOTHING = 0.2  # weight of the newest measurement in the per-replica time estimate
 
@@ -103,7 +104,7 @@ class ReplicaPool(Requests):
                 variants = [[executor_registry.variant_of(e, threads=threads, stream=k) for e in chosen]
                             for k in range(streams)]
             for executors in variants:
-                sessions.append(compile(model, executors, policy))
+                sessions.append(compile_plan(model, executors, policy))
                 names.append(_describe(sessions[-1]))
         pool = cls(sessions, names=names, max_in_flight=max_in_flight)
         if warmup:
@@ -122,6 +123,11 @@ class ReplicaPool(Requests):
                 replica.session.run(feeds)
                 times.append(time.perf_counter() - start)
             replica.seconds_per_request = float(np.median(times))
+
+    @property
+    def plan(self) -> Plan:
+        """The plan of the first replica (the others differ only in stream or device)."""
+        return self.replicas[0].session.plan
 
     def __repr__(self) -> str:
         return f"<ReplicaPool {self.model.label!r}: {', '.join(r.name for r in self.replicas)}>"

@@ -21,6 +21,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, wait
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,7 @@ from hetero.executors import CompiledPartition, Executor
 from hetero.graph import Model, TensorInfo, load
 from hetero.graph.load import ModelSource
 from hetero.planner import HOST, Plan
+from hetero.runtime.trace import Trace
 from hetero.runtime.workers import Resource, resource
 
 Feeds = Mapping[str, Any]
@@ -68,7 +70,10 @@ class _PartitionFailed(Exception):
 class _Values:
     """One request's values by name and memory space, released when their last reader is done."""
 
-    def __init__(self, arrays: dict[str, Any], uses: dict[str, int], keep: set[str]):
+    def __init__(self, arrays: dict[str, Any], uses: dict[str, int], keep: set[str],
+                 trace: Trace | None = None):
+        self.trace = trace
+        self.request = trace.new_request() if trace else 0
         self._held: dict[str, dict[str, tuple[Executor | None, Any]]] = {
             name: {HOST: (None, array)} for name, array in arrays.items()}
         self._left = dict(uses)
@@ -85,8 +90,13 @@ class _Values:
             if space in held:
                 return held[space][1]
             owner, value = held.get(HOST) or next(iter(held.values()))
+        start = time.perf_counter()
         host = value if owner is None or owner.memory_space == HOST else owner.to_host(value)
         moved = host if target is None or space == HOST else target.to_device(host)
+        if self.trace is not None:
+            source = held_space(owner)
+            self.trace.record(f"{name} {source} -> {space}", "transfer", space if target else source,
+                              "transfer", start, time.perf_counter(), self.request)
         with self._lock:
             if space not in held:
                 held[space] = (target, moved)
@@ -105,6 +115,10 @@ class _Values:
                 self._left[name] -= 1
                 if self._left[name] == 0 and name not in self._keep:
                     self._held.pop(name, None)
+
+
+def held_space(owner: Executor | None) -> str:
+    return HOST if owner is None else owner.memory_space
 
 
 class _Program:
@@ -130,13 +144,17 @@ class _Program:
                           if name not in produced}
         self.parallel = _has_parallel_branches(plan)
 
-    def _values(self, arrays: dict[str, Any]) -> _Values:
-        return _Values(arrays, self.uses, self.keep)
+    def _values(self, arrays: dict[str, Any], trace: Trace | None) -> _Values:
+        return _Values(arrays, self.uses, self.keep, trace)
 
     def _run_step(self, step: _Step, values: _Values) -> None:
         try:
             args = [values.fetch(name, step.executor) for name in step.compiled.input_names]
+            start = time.perf_counter()
             outputs = step.resource.run(step.compiled, args)
+            if values.trace is not None:
+                values.trace.record(f"#{step.index}", "partition", step.resource.name, step.executor.name,
+                                    start, time.perf_counter(), values.request)
         except Exception as exc:
             raise _PartitionFailed(step, exc) from exc
         values.put(step.executor, step.compiled.output_names, outputs)
@@ -149,17 +167,19 @@ class _Program:
             result[name] = np.asarray(value) if isinstance(value, np.generic) else value
         return result
 
-    def execute(self, arrays: dict[str, Any], wanted: Sequence[str]) -> tuple[dict, _Values]:
+    def execute(self, arrays: dict[str, Any], wanted: Sequence[str],
+                trace: Trace | None = None) -> tuple[dict, _Values]:
         """Run the steps one after another in the calling thread."""
-        values = self._values(arrays)
+        values = self._values(arrays, trace)
         for step in self.steps:
             self._run_step(step, values)
         return self._collect(values, wanted), values
 
     def launch(self, arrays: dict[str, Any], wanted: Sequence[str],
-               done: Callable[[dict | None, BaseException | None, _Values], None]) -> None:
+               done: Callable[[dict | None, BaseException | None, _Values], None],
+               trace: Trace | None = None) -> None:
         """Post each step to its resource's worker as soon as its inputs exist; call `done` once."""
-        values = self._values(arrays)
+        values = self._values(arrays, trace)
         waiting = {step.index: len(step.depends_on) for step in self.steps}
         state = {"finished": 0, "failed": False}
         lock = threading.Lock()
@@ -291,6 +311,7 @@ class Session(Requests):
         self._closed = False
         self._rebuild = rebuild
         self._program = _Program(plan, compiled)
+        self._trace: Trace | None = None
 
     @property
     def plan(self) -> Plan:
@@ -321,7 +342,7 @@ class Session(Requests):
             return self._submit(arrays, wanted, True, None).result()
         start = time.perf_counter()
         try:
-            result, values = program.execute(arrays, wanted)
+            result, values = program.execute(arrays, wanted, self._trace)
         except _PartitionFailed as failed:
             result, values = self._fall_back(program, failed, arrays, wanted)
         self._count(values, start)
@@ -336,6 +357,15 @@ class Session(Requests):
         """
         arrays, wanted = self._prepare(feeds, output_names)
         return self._submit(arrays, wanted, block, timeout)
+
+    @contextmanager
+    def tracing(self) -> Iterator[Trace]:
+        """Record a timeline of partitions and transfers for the requests run inside the block."""
+        trace = self._trace = Trace()
+        try:
+            yield trace
+        finally:
+            self._trace = None
 
     def close(self, wait: bool = True) -> None:
         """Refuse new requests; with `wait`, return once the requests in flight have finished."""
@@ -385,7 +415,7 @@ class Session(Requests):
                 return
             done(result, None, values)
 
-        program.launch(arrays, wanted, done)
+        program.launch(arrays, wanted, done, self._trace)
         return future
 
     def _count(self, values: _Values, start: float) -> None:
@@ -483,10 +513,11 @@ def _initializer(model: Model, name: str) -> np.ndarray:
     raise KeyError(name)
 
 
-def compile(model: ModelSource, executors: Sequence[str | Executor] | str | None = None,
-            policy: str = "priority", *, affinity: Mapping[str, str | Executor] | None = None,
-            max_in_flight: int = 16, max_replans: int = 16) -> Session:
-    """Load (if needed), plan and compile a model for this host; returns a `Session`.
+def compile_plan(model: ModelSource, executors: Sequence[str | Executor] | str | None = None,
+                 policy: str = "priority", *, affinity: Mapping[str, str | Executor] | None = None,
+                 assignment: Mapping[str, str] | None = None, max_in_flight: int = 16,
+                 max_replans: int = 16) -> Session:
+    """Plan (priority, manual, or a given assignment) and compile a model; returns a `Session`.
 
     When a library rejects a partition at compile time, the nodes it rejects are recorded and the
     model re-planned without them on that executor; the plan's notes say what happened.
@@ -496,7 +527,7 @@ def compile(model: ModelSource, executors: Sequence[str | Executor] | str | None
     def build() -> tuple[Plan, list[CompiledPartition]]:
         notes: list[str] = []
         for _ in range(max_replans):
-            the_plan = planner.plan(model, executors, policy, affinity=affinity)
+            the_plan = planner.plan(model, executors, policy, affinity=affinity, assignment=assignment)
             try:
                 compiled = [compile_partition(model, part) for part in the_plan.partitions]
             except _Rejected as rejected:

@@ -1,0 +1,48 @@
+"""`hetero.compile` and `hetero.plan`: every policy, measured ones included."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from hetero import planner
+from hetero.executors import Executor
+from hetero.graph import load
+from hetero.graph.load import ModelSource
+from hetero.planner import MEASURED_POLICIES, Plan
+from hetero.planner.cost import Progress
+from hetero.runtime.replicas import ReplicaPool
+from hetero.runtime.session import Session, compile_plan
+from hetero.runtime.tuning import tune_latency, tune_throughput
+
+
+def compile(model: ModelSource, executors: Sequence[str | Executor] | str | None = None,
+            policy: str = "priority", *, affinity: Mapping[str, str | Executor] | None = None,
+            progress: Progress | None = None, max_in_flight: int = 16) -> Session | ReplicaPool:
+    """Load (if needed), place and compile a model for this host's executors.
+
+    Policies: `priority` (first executor in `executors` order that supports each node), `manual`
+    (`affinity` rules: op type or node-name pattern -> executor, the rest by priority), `latency`
+    / `auto` (measured: the fastest of the single-library plans and the searched placements),
+    `throughput` (measured: replicas on CPU streams and devices, or one pipelined session).
+    Returns a `Session`, or a `ReplicaPool` when `throughput` chooses replicas; both have `run`,
+    `submit`, `run_async` and `map`.
+    """
+    model = load(model)
+    if policy in ("latency", "auto"):
+        return tune_latency(model, executors, progress=progress, max_in_flight=max_in_flight)
+    if policy == "throughput":
+        return tune_throughput(model, executors, progress=progress)
+    return compile_plan(model, executors, policy, affinity=affinity, max_in_flight=max_in_flight)
+
+
+def plan(model: ModelSource, executors: Sequence[str | Executor] | str | None = None,
+         policy: str = "priority", *, affinity: Mapping[str, str | Executor] | None = None,
+         progress: Progress | None = None) -> Plan:
+    """Where each part of the model would run. Measured policies compile and time candidates (and
+    cache what they measured), so their plan shows estimated and measured times and the
+    candidates rejected."""
+    model = load(model)
+    if policy in MEASURED_POLICIES:
+        runner = compile(model, executors, policy, progress=progress)
+        return runner.plan
+    return planner.plan(model, executors, policy, affinity=affinity)

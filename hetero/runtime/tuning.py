@@ -1,0 +1,141 @@
+"""The measured policies: candidates from the planner's search, measured whole, the best kept.
+
+`latency`: every single-library plan and the best few searched placements are compiled and timed
+(median of warm runs); the fastest wins, so the result is never slower than the best single
+library beyond noise. `throughput`: replicas of the model on CPU streams and accelerators (each
+replica placed by `latency`) against one pipelined session with many requests in flight, chosen
+by measured requests per second. Measurements are cached on disk by model structure and
+placement, so planning again measures nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from hetero import executors as executor_registry
+from hetero import planner
+from hetero.cache import JsonStore
+from hetero.errors import PlanError
+from hetero.executors import Executor, default_threads, is_accelerator
+from hetero.graph import Model, example_feeds
+from hetero.planner import Candidate, CandidateReport, Plan
+from hetero.planner.cost import Progress, executor_key, time_call
+from hetero.runtime.replicas import ReplicaPool
+from hetero.runtime.session import Session, compile_plan
+
+MEASURE_TOP = 3  # searched placements measured besides every single-library plan
+_plans = JsonStore("plans")
+
+
+def _key(model: Model, kind: str, names: Sequence[str]) -> str:
+    executors = {e.name: e for e in executor_registry.available()}
+    identities = sorted({executor_key(executors[n]) if n in executors else n for n in names})
+    return f"{kind}|{model.fingerprint}|{'/'.join(names)}|{'/'.join(identities)}"
+
+
+def tune_latency(model: Model, executors: Sequence[str | Executor] | None, *,
+                 progress: Progress | None = None, max_in_flight: int = 16) -> Session:
+    """Measure the candidate placements whole and return a session of the fastest."""
+    found = planner.search(model, executors, progress=progress)
+    chosen = [c for c in found if c.name.endswith(" alone")]
+    chosen += [c for c in found if c not in chosen][:MEASURE_TOP]
+    feeds = example_feeds(model)
+    measured: list[tuple[Candidate, float, Session | None]] = []
+    for candidate in sorted(chosen, key=lambda c: c.estimate_ms):
+        key = _key(model, "latency", [e.name for e in candidate.assignment])
+        cached = _plans.get(key)
+        if cached is not None:
+            measured.append((candidate, float(cached), None))
+            continue
+        try:
+            session = _session(model, executors, candidate, max_in_flight)
+            ms = time_call(lambda s=session: s.run(feeds), min_repeats=5, budget_s=1.0) * 1e3
+        except Exception as exc:
+            candidate.plan.notes.append(f"candidate {candidate.name} failed: {exc}")
+            continue
+        _plans.put(key, ms)
+        measured.append((candidate, ms, session))
+    _plans.save()
+    if not measured:
+        raise PlanError(f"model {model.label!r}: no candidate placement could be compiled and run")
+    best, _, session = min(measured, key=lambda item: item[1])
+    if session is None:
+        session = _session(model, executors, best, max_in_flight)
+    reports = [CandidateReport(c.name, c.estimate_ms, ms, c is best) for c, ms, _ in measured]
+    _explain(session, reports, best.plan.partition_estimates, feeds)
+    return session
+
+
+def _session(model: Model, executors: Sequence[str | Executor] | None, candidate: Candidate,
+             max_in_flight: int) -> Session:
+    assignment = {node.name: e.name for node, e in zip(model.nodes, candidate.assignment, strict=True)}
+    return compile_plan(model, executors, "latency", assignment=assignment, max_in_flight=max_in_flight)
+
+
+def _explain(session: Session, reports: list[CandidateReport], estimates: dict[int, float],
+             feeds: dict) -> None:
+    """Attach the candidates and per-partition estimated and measured times to the plan."""
+    plan: Plan = session.plan
+    plan.candidates = sorted(reports, key=lambda r: (r.measured_ms is None, r.measured_ms))
+    plan.partition_estimates = dict(estimates) if len(estimates) == len(plan.partitions) else {}
+    with session.tracing() as trace:
+        for _ in range(3):
+            session.run(feeds)
+    measured = trace.partition_ms()
+    plan.partition_measured = {p.index: measured[f"#{p.index}"] for p in plan.partitions
+                               if f"#{p.index}" in measured}
+
+
+def tune_throughput(model: Model, executors: Sequence[str | Executor] | None, *,
+                    progress: Progress | None = None, seconds: float = 2.0) -> Session | ReplicaPool:
+    """Replicas on CPU streams (and accelerators) against one pipelined session: the higher
+    measured requests per second wins."""
+    latency_session = tune_latency(model, executors, progress=progress)
+    chosen = executor_registry.resolve(executors)
+    feeds = example_feeds(model)
+    options: list[tuple[str, Session | ReplicaPool]] = [("one session, pipelined", latency_session)]
+    streams = default_threads()
+    host = [e for e in chosen if not is_accelerator(e)]
+    if streams > 1 and host:
+        assignment = {n.name: latency_session.plan.executor_of(n).name for n in model.nodes}
+        replicas = []
+        for stream in range(streams):
+            variants = {e.name: executor_registry.variant_of(e, threads=max(1, default_threads() // streams),
+                                                             stream=stream) for e in chosen}
+            placed = {node: variants[name].name for node, name in assignment.items()}
+            replicas.append(compile_plan(model, list(variants.values()), "latency", assignment=placed))
+        options.append((f"{streams} CPU-stream replicas", ReplicaPool(replicas)))
+    results = []
+    for name, runner in options:
+        key = _key(model, "throughput", [name, *(e.name for e in chosen)])
+        rate = _plans.get(key)
+        if rate is None:
+            rate = measure_rate(runner, feeds, seconds)
+            _plans.put(key, rate)
+        results.append((rate, name, runner))
+    _plans.save()
+    _, name, winner = max(results, key=lambda item: item[0])
+    winner.plan.notes.append("throughput: " + ", ".join(f"{n} {r:.1f} req/s" for r, n, _ in results)
+                      + f"; chose {name}")
+    for _, _, runner in results:
+        if runner is not winner and isinstance(runner, ReplicaPool):
+            runner.close()
+    return winner
+
+
+def measure_rate(runner: Session | ReplicaPool, feeds: dict, seconds: float) -> float:
+    """Requests per second with the runner's queue kept full for about `seconds`."""
+    for _ in runner.map(feeds for _ in range(2)):
+        pass
+    count = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+
+    def stream():
+        while time.perf_counter() < deadline:
+            yield feeds
+
+    for _ in runner.map(stream()):
+        count += 1
+    return count / (time.perf_counter() - start)
