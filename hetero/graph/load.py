@@ -31,6 +31,7 @@ from hetero.errors import (
     UnknownDomainError,
     UnsupportedOpsetError,
 )
+from hetero.graph.fold import fold_constants
 from hetero.graph.model import Model, outer_scope_inputs, tensor_info
 
 MIN_OPSET = 1
@@ -42,8 +43,11 @@ def _known_domains() -> set[str]:
     return {s.domain for s in onnx.defs.get_all_schemas_with_history()} | {"", "ai.onnx"}
 
 
-def load(source: ModelSource, *, name: str | None = None) -> Model:
+def load(source: ModelSource, *, name: str | None = None, fold: bool = True) -> Model:
     """Load and validate an ONNX model; returns the read-only `Model` view.
+
+    With `fold`, nodes computing only on constants are evaluated once (exactly, by the reference
+    kernels) and replaced by initializers; `Model.folded` says how many.
 
     Raises a `hetero.ModelError` subclass naming the file, node, tensor or field at fault:
     ModelNotFoundError, ModelDecodeError, UnsupportedOpsetError, UnknownDomainError,
@@ -74,7 +78,11 @@ def load(source: ModelSource, *, name: str | None = None) -> Model:
         base_dir = str(path.parent)
     else:
         raise TypeError(f"hetero.load takes a path, bytes or onnx.ModelProto, not {type(source).__name__}")
-    return Model(validate(proto, label, base_dir), label)
+    proto = validate(proto, label, base_dir)
+    folded = fold_constants(proto) if fold else 0
+    if folded:
+        proto = _infer_shapes(proto, label)
+    return Model(proto, label, folded)
 
 
 def _decode(data: bytes, label: str) -> onnx.ModelProto:

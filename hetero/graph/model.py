@@ -163,9 +163,10 @@ class Model:
     shapes in `value_info`. Do not mutate it.
     """
 
-    def __init__(self, proto: onnx.ModelProto, label: str):
+    def __init__(self, proto: onnx.ModelProto, label: str, folded: int = 0):
         self.proto = proto
         self.label = label
+        self.folded = folded
         graph = proto.graph
         self.opsets: Mapping[str, int] = MappingProxyType(
             {("" if o.domain == "ai.onnx" else o.domain): o.version for o in proto.opset_import})

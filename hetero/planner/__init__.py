@@ -48,12 +48,14 @@ def plan(model: Model, executors: Sequence[str | Executor] | None = None, policy
 
 
 def search(model: Model, executors: Sequence[str | Executor] | None = None, *,
-           progress: Progress | None = None,
-           profiles: Mapping[str, ExecutorProfile] | None = None) -> list[Candidate]:
-    """Profile what is not measured yet, then return candidate placements, best estimate first."""
+           progress: Progress | None = None, profiles: Mapping[str, ExecutorProfile] | None = None,
+           scale: Mapping[str, float] | None = None) -> list[Candidate]:
+    """Profile what is not measured yet, then return candidate placements, best estimate first.
+
+    `scale` calibrates each executor's node costs (see `CostModel.node`)."""
     chosen = executor_registry.resolve(executors)
     capability = Capability(model, chosen)
-    costs = CostModel(model, chosen, profiles)
+    costs = CostModel(model, chosen, profiles, scale)
     able = {node.index: capability.candidates(node) for node in model.nodes}
     costs.measure(costs.unmeasured(able), progress)
     found = candidates(model, capability, costs)

@@ -151,9 +151,11 @@ class CostModel:
     """Node and transfer costs for one model on a set of executors (measured, else estimated)."""
 
     def __init__(self, model: Model, executors: Sequence[Executor],
-                 profiles: Mapping[str, ExecutorProfile] | None = None):
+                 profiles: Mapping[str, ExecutorProfile] | None = None,
+                 scale: Mapping[str, float] | None = None):
         self.model = model
         self.executors = list(executors)
+        self.scale = dict(scale or {})
         self._profiles = dict(profiles or {})
         self._keys = {e.name: executor_key(e) for e in self.executors if e.name not in self._profiles}
         self._values: dict[str, Any] | None = None
@@ -167,12 +169,15 @@ class CostModel:
         return f"node|{self._keys[executor.name]}|{self.model.signature(node)}"
 
     def node(self, node: Node, executor: Executor) -> NodeCost:
-        """Cost of `node` alone on `executor`, without the per-partition call overhead."""
+        """Cost of `node` alone on `executor`, without the per-partition call overhead, times the
+        executor's calibration `scale` (measured whole-model time over the sum of its nodes: graph
+        compilers fuse, so a node costs less inside a partition than alone)."""
+        factor = self.scale.get(executor.name, 1.0)
         if executor.name in self._keys:
             measured = _costs.get(self._key(node, executor))
             if measured is not None:
-                return NodeCost(float(measured), True)
-        return NodeCost(self.profile_of(executor).estimate_ms(node, self.model), False)
+                return NodeCost(float(measured) * factor, True)
+        return NodeCost(self.profile_of(executor).estimate_ms(node, self.model) * factor, False)
 
     def overhead_ms(self, executor: Executor) -> float:
         return self.profile_of(executor).overhead_ms

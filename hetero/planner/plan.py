@@ -102,6 +102,38 @@ class Plan:
                       "output" if t.consumer is None else f"#{t.consumer}"] for t in self.transfers]
         return parts, transfers
 
+    def dot(self) -> str:
+        """The graph as Graphviz DOT: a cluster per partition, nodes coloured by executor, tensors
+        crossing memory spaces drawn bold with their size."""
+        palette = ["#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948", "#b07aa1", "#9c755f"]
+        colour = {e.name: palette[i % len(palette)] for i, e in enumerate(self.executors)}
+        crossing = {(t.tensor, t.consumer): t for t in self.transfers}
+        lines = ["digraph plan {",
+                 '  rankdir=TB; node [shape=box, style="rounded,filled", fontname=Helvetica, fontsize=10,'
+                 ' fontcolor=white]; edge [fontsize=8, color="#888888"];']
+        producer = {}
+        for part in self.partitions:
+            fill = colour[part.executor.name]
+            lines.append(f'  subgraph cluster_{part.index} {{ label="#{part.index} {part.executor.name}"; '
+                         f'color="{fill}"; fontname=Helvetica; fontsize=11;')
+            for node in part.nodes:
+                lines.append(f'    n{node.index} [label="{node.op_type}", fillcolor="{fill}", '
+                             f'tooltip={_quote(node.name)}];')
+                for out in node.outputs:
+                    producer[out] = (node.index, part.index)
+            lines.append("  }")
+        for part in self.partitions:
+            for node in part.nodes:
+                for name in dict.fromkeys(node.all_inputs):
+                    if name not in producer:
+                        continue
+                    source, source_part = producer[name]
+                    moved = crossing.get((name, part.index)) if source_part != part.index else None
+                    style = f' [penwidth=2.5, color=black, label="{_bytes(moved.nbytes)}"]' if moved else ""
+                    lines.append(f"  n{source} -> n{node.index}{style};")
+        lines.append("}")
+        return "\n".join(lines)
+
     def __str__(self) -> str:
         parts, transfers = self.rows()
         lines = [f"plan for {self.model.label} ({len(self.model.nodes)} nodes, policy {self.policy}): "
@@ -115,6 +147,10 @@ class Plan:
                   + (" (chosen)" if c.chosen else "") for c in self.candidates]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _ms(value: float | None) -> str:

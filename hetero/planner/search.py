@@ -105,9 +105,9 @@ def candidates(model: Model, capability: Capability, costs: CostModel) -> list[C
         plan = build_plan(model, assignment, "latency")
         found[key] = Candidate(name, assignment, estimate(plan, costs), plan)
 
-    for penalty in SWITCH_PENALTIES:
-        add(f"search (switch cost x{penalty:g})", chain_assignment(model, capability, costs, penalty))
     for executor in capability.executors:
         if any(capability.can(executor, node) for node in model.nodes):
             add(f"{executor.name} alone", single_library(model, capability, executor))
+    for penalty in SWITCH_PENALTIES:
+        add(f"search (switch cost x{penalty:g})", chain_assignment(model, capability, costs, penalty))
     return sorted(found.values(), key=lambda c: c.estimate_ms)

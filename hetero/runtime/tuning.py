@@ -36,33 +36,52 @@ def _key(model: Model, kind: str, names: Sequence[str]) -> str:
 
 def tune_latency(model: Model, executors: Sequence[str | Executor] | None, *,
                  progress: Progress | None = None, max_in_flight: int = 16) -> Session:
-    """Measure the candidate placements whole and return a session of the fastest."""
-    found = planner.search(model, executors, progress=progress)
-    chosen = [c for c in found if c.name.endswith(" alone")]
-    chosen += [c for c in found if c not in chosen][:MEASURE_TOP]
+    """Measure candidate placements whole and return a session of the fastest.
+
+    First every single-library plan is measured; their measured-over-estimated ratios calibrate
+    each executor's node costs; the search then runs again on calibrated costs and its best few
+    placements are measured too.
+    """
     feeds = example_feeds(model)
-    measured: list[tuple[Candidate, float, Session | None]] = []
-    for candidate in sorted(chosen, key=lambda c: c.estimate_ms):
-        key = _key(model, "latency", [e.name for e in candidate.assignment])
+    measured: dict[tuple[str, ...], tuple[Candidate, float, Session | None]] = {}
+
+    def measure(candidate: Candidate) -> None:
+        names = tuple(e.name for e in candidate.assignment)
+        if names in measured:
+            return
+        key = _key(model, "latency", names)
         cached = _plans.get(key)
         if cached is not None:
-            measured.append((candidate, float(cached), None))
-            continue
+            measured[names] = (candidate, float(cached), None)
+            return
         try:
             session = _session(model, executors, candidate, max_in_flight)
-            ms = time_call(lambda s=session: s.run(feeds), min_repeats=5, budget_s=1.0) * 1e3
+            ms = time_call(lambda: session.run(feeds), min_repeats=5, budget_s=1.0) * 1e3
         except Exception as exc:
             candidate.plan.notes.append(f"candidate {candidate.name} failed: {exc}")
-            continue
+            return
         _plans.put(key, ms)
-        measured.append((candidate, ms, session))
+        measured[names] = (candidate, ms, session)
+
+    found = planner.search(model, executors, progress=progress)
+    singles = [c for c in found if c.name.endswith(" alone")]
+    for candidate in singles:
+        measure(candidate)
+    scale = {}
+    for candidate in singles:
+        names = tuple(e.name for e in candidate.assignment)
+        if names in measured and candidate.estimate_ms > 0:
+            scale[candidate.name.removesuffix(" alone")] = measured[names][1] / candidate.estimate_ms
+    for candidate in [c for c in planner.search(model, executors, scale=scale)
+                      if not c.name.endswith(" alone")][:MEASURE_TOP]:
+        measure(candidate)
     _plans.save()
     if not measured:
         raise PlanError(f"model {model.label!r}: no candidate placement could be compiled and run")
-    best, _, session = min(measured, key=lambda item: item[1])
+    best, _, session = min(measured.values(), key=lambda item: item[1])
     if session is None:
         session = _session(model, executors, best, max_in_flight)
-    reports = [CandidateReport(c.name, c.estimate_ms, ms, c is best) for c, ms, _ in measured]
+    reports = [CandidateReport(c.name, c.estimate_ms, ms, c is best) for c, ms, _ in measured.values()]
     _explain(session, reports, best.plan.partition_estimates, feeds)
     return session
 

@@ -1,0 +1,156 @@
+"""The latency search on synthetic cost tables where the optimum is known by brute force, and the
+measured policies on stub executors whose speeds are set."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+from conftest import StubExecutor
+from onnx import TensorProto, helper
+
+import hetero
+from hetero.graph import example_feeds
+from hetero.planner import Capability
+from hetero.planner.search import candidates, chain_assignment, estimate
+from hetero.zoo import small_cnn
+
+
+class TableCosts:
+    """A cost model from a table: node ms per executor, a call overhead, transfers by bytes."""
+
+    def __init__(self, table, overhead, per_byte):
+        self.table, self.overhead, self.per_byte = table, overhead, per_byte
+
+    def node(self, node, executor):
+        class Cost:
+            ms = self.table[node.index][executor.name]
+        return Cost
+
+    def overhead_ms(self, executor):
+        return self.overhead[executor.name]
+
+    def transfer_ms(self, nbytes, source, target):
+        if source is None or target is None or source.memory_space == target.memory_space:
+            return 0.0
+        return (nbytes or 0) * self.per_byte
+
+
+def _chain_model(count, width=64):
+    nodes = [helper.make_node("Relu", ["x" if i == 0 else f"t{i - 1}"], [f"t{i}"], name=f"n{i}")
+             for i in range(count)]
+    graph = helper.make_graph(nodes, "chain",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [width])],
+                              [helper.make_tensor_value_info(f"t{count - 1}", TensorProto.FLOAT, [width])])
+    return hetero.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+
+
+def _objective(model, assignment, costs, penalty=1.0):
+    total, previous = 0.0, None
+    for node, executor in zip(model.nodes, assignment, strict=True):
+        total += costs.node(node, executor).ms
+        if previous is not None and previous.name != executor.name:
+            incoming = sum(model.tensor(n).nbytes or 0 for n in node.all_inputs if model.producer(n))
+            total += penalty * (costs.overhead_ms(executor) + costs.transfer_ms(incoming, previous, executor))
+        previous = executor
+    return total
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_chain_search_finds_the_brute_force_optimum(seed):
+    rng = random.Random(seed)
+    count = rng.randint(2, 6)
+    model = _chain_model(count)
+    executors = [StubExecutor(40 + i) for i in range(3)]
+    executors[2] = hetero.executors.resolve(["numpy"])[0]  # one in host memory: switches cost transfers
+    table = {i: {e.name: rng.uniform(0.1, 5.0) for e in executors} for i in range(count)}
+    overhead = {e.name: rng.uniform(0.0, 2.0) for e in executors}
+    costs = TableCosts(table, overhead, per_byte=rng.uniform(0, 0.01))
+    capability = Capability(model, executors)
+    for penalty in (1.0, 3.0):
+        found = chain_assignment(model, capability, costs, penalty)
+        best = min(_objective(model, list(a), costs, penalty)
+                   for a in itertools.product(executors, repeat=count))
+        assert _objective(model, found, costs, penalty) == pytest.approx(best)
+
+
+def test_searched_plan_is_never_estimated_slower_than_a_single_library():
+    rng = random.Random(3)
+    model = _chain_model(8)
+    executors = [StubExecutor(50), StubExecutor(51)]
+    table = {i: {e.name: rng.uniform(0.5, 3.0) for e in executors} for i in range(8)}
+    costs = TableCosts(table, {e.name: 0.3 for e in executors}, per_byte=0.0)
+    found = candidates(model, Capability(model, executors), costs)
+    singles = [c for c in found if c.name.endswith(" alone")]
+    assert len(singles) == 2
+    best_chain = chain_assignment(model, Capability(model, executors), costs)
+    searched = next(c for c in found if c.assignment == best_chain)
+    assert searched.estimate_ms <= min(c.estimate_ms for c in singles) + 1e-9
+    assert found[0].estimate_ms == min(c.estimate_ms for c in found)
+    assert all(c.estimate_ms == pytest.approx(estimate(c.plan, costs)) for c in found)
+
+
+@pytest.fixture
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HETERO_CACHE_DIR", str(tmp_path))
+    from hetero.planner import cost
+    from hetero.runtime import tuning
+    for store in (cost._costs, tuning._plans):
+        store.clear_memory()
+    yield tmp_path
+    for store in (cost._costs, tuning._plans):
+        store.clear_memory()
+
+
+def test_latency_policy_measures_and_keeps_the_fastest(cache_dir):
+    slow, fast = StubExecutor(60, seconds_per_call=0.02), StubExecutor(61, seconds_per_call=0.002)
+    session = hetero.compile(small_cnn(), [slow, fast], "latency")
+    assert {p.executor.name for p in session.plan.partitions} == {fast.name}
+    names = {c.name for c in session.plan.candidates}
+    assert {f"{slow.name} alone", f"{fast.name} alone"} <= names
+    chosen = [c for c in session.plan.candidates if c.chosen]
+    assert len(chosen) == 1 and chosen[0].measured_ms == min(c.measured_ms for c in session.plan.candidates)
+    assert session.plan.partition_measured and "candidate" in str(session.plan)
+    feeds = example_feeds(session.model)
+    want = hetero.compile(small_cnn(), ["numpy"]).run(feeds)["logits"]
+    np.testing.assert_allclose(session.run(feeds)["logits"], want, rtol=1e-5, atol=1e-6)
+
+
+def test_second_planning_measures_nothing(cache_dir):
+    executors = ["onnxruntime", "numpy"]
+    first = hetero.compile(small_cnn(), executors, "latency")
+    measured_files = sorted(p.name for p in cache_dir.iterdir())
+    assert "costs.json" in measured_files and "plans.json" in measured_files
+    calls = []
+    from hetero.planner import cost
+    original = cost.CostModel._measure_one
+    cost.CostModel._measure_one = lambda self, *a: calls.append(a) or original(self, *a)
+    try:
+        second = hetero.compile(small_cnn(), executors, "latency")
+    finally:
+        cost.CostModel._measure_one = original
+    assert calls == []
+    assert [c.name for c in second.plan.candidates] == [c.name for c in first.plan.candidates]
+
+
+def test_throughput_policy_reports_what_it_compared(cache_dir):
+    runner = hetero.compile(small_cnn(), ["onnxruntime", "numpy"], "throughput")
+    assert any(note.startswith("throughput:") for note in runner.plan.notes)
+    feeds = example_feeds(runner.model)
+    want = hetero.compile(small_cnn(), ["numpy"]).run(feeds)["logits"]
+    np.testing.assert_allclose(runner.run(feeds)["logits"], want, rtol=1e-4, atol=1e-5)
+    runner.close()
+
+
+def test_trace_is_a_chrome_timeline(tmp_path):
+    stub = StubExecutor(70, ops={"Conv"})
+    session = hetero.compile(small_cnn(), [stub, "numpy"])
+    with session.tracing() as trace:
+        session.run(example_feeds(session.model))
+    chrome = trace.chrome()
+    kinds = {e.get("cat") for e in chrome["traceEvents"]}
+    assert {"partition", "transfer"} <= kinds
+    partitions = [e for e in chrome["traceEvents"] if e.get("cat") == "partition"]
+    assert len(partitions) == len(session.plan.partitions)
+    assert all(e["dur"] >= 0 for e in partitions)
+    assert trace.save(tmp_path / "t.json").stat().st_size > 0
