@@ -1,0 +1,155 @@
+"""Latency benchmark of the planner: each library alone, Hetero `priority`, Hetero `latency`.
+
+    python benchmarks/planner.py [--models resnet50,mobilenet_v2,bert,nanodet,custom_op] [--batches 1,8]
+                                 [--rounds 7]
+
+Every configuration of a model is compiled first, then timed in interleaved rounds (one request
+each per round) and reported by median, fp32 throughout. The ratio column is the best single
+library's median over Hetero latency's (>1 means Hetero is faster). It also reports how long
+cold profiling and warm planning took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import onnx
+
+import hetero
+from hetero import executors, planner, zoo
+from hetero.graph import example_feeds
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def nanodet(batch: int) -> onnx.ModelProto | None:
+    if batch != 1:
+        return None  # the exported detector has a static batch of 1
+    return onnx.load(ROOT / "models" / "nanodet-g-coco.onnx")
+
+
+def custom_op(batch: int) -> onnx.ModelProto | None:
+    from hetero.apps.detection import detector_model
+
+    return detector_model(576, 768) if batch == 1 else None
+
+
+MODELS: dict[str, Callable[[int], onnx.ModelProto | None]] = {
+    "resnet50": lambda b: zoo.resnet50(batch=b),
+    "mobilenet_v2": lambda b: zoo.mobilenet_v2(batch=b),
+    "bert": lambda b: zoo.bert_encoder(batch=b, seq=128),
+    "nanodet": nanodet,
+    "custom_op": custom_op,
+}
+
+
+def configurations(model: hetero.Model) -> dict[str, Callable[[], hetero.Session]]:
+    found = executors.available()
+    configs: dict[str, Callable[[], hetero.Session]] = {}
+    for executor in found:
+        configs[f"{executor.library} alone"] = lambda e=executor: hetero.compile(model, [e])
+    configs["hetero priority"] = lambda: hetero.compile(model)
+    configs["hetero latency"] = lambda: hetero.compile(model, policy="latency")
+    return configs
+
+
+def measure(name: str, model: hetero.Model, rounds: int) -> dict[str, float | None]:
+    feeds = example_feeds(model)
+    sessions: dict[str, hetero.Session | None] = {}
+    for label, build in configurations(model).items():
+        try:
+            sessions[label] = build()
+            sessions[label].run(feeds)
+        except hetero.HeteroError as exc:
+            print(f"  {name}: {label} cannot run it: {str(exc).splitlines()[0][:100]}", flush=True)
+            sessions[label] = None
+    times: dict[str, list[float]] = {label: [] for label in sessions}
+    for _ in range(rounds):
+        for label, session in sessions.items():
+            if session is not None:
+                start = time.perf_counter()
+                session.run(feeds)
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return {label: statistics.median(t) if t else None for label, t in times.items()}
+
+
+@contextmanager
+def empty_cache() -> Iterator[None]:
+    """Point every cache at a new empty folder for the block."""
+    from hetero.planner import cost
+    from hetero.runtime import tuning
+
+    before = os.environ.get("HETERO_CACHE_DIR")
+    os.environ["HETERO_CACHE_DIR"] = tempfile.mkdtemp(prefix="hetero-bench-")
+    for store in (cost._costs, tuning._plans):
+        store.clear_memory()
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("HETERO_CACHE_DIR")
+        else:
+            os.environ["HETERO_CACHE_DIR"] = before
+        for store in (cost._costs, tuning._plans):
+            store.clear_memory()
+
+
+def planning_times() -> tuple[float, float, float]:
+    """Cold profiling of ResNet-50 in an empty cache, then warm planning and warm compile."""
+    model = hetero.load(zoo.resnet50())
+    with empty_cache():
+        start = time.perf_counter()
+        planner.search(model)
+        cold = time.perf_counter() - start
+        start = time.perf_counter()
+        planner.plan(model, policy="latency")
+        warm_plan = time.perf_counter() - start
+        hetero.compile(model, policy="latency")
+        start = time.perf_counter()
+        hetero.compile(model, policy="latency")
+        return cold, warm_plan, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--batches", default="1,8")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    print(f"executors: {', '.join(e.name for e in executors.available())}; fp32; median of {args.rounds} "
+          "interleaved rounds (ms per request)", flush=True)
+    rows = []
+    for name in args.models.split(","):
+        for batch in (int(b) for b in args.batches.split(",")):
+            proto = MODELS[name](batch)
+            if proto is None:
+                print(f"  {name} batch {batch}: not applicable", flush=True)
+                continue
+            model = hetero.load(proto, name=f"{name} b{batch}")
+            results = measure(name, model, args.rounds)
+            rows.append((f"{name} b{batch}", results))
+            summary = ", ".join(f"{k} {v:.2f}" for k, v in results.items() if v)
+            print(f"  {name} b{batch}: {summary}", flush=True)
+    labels = list(dict.fromkeys(label for _, results in rows for label in results))
+    singles = [label for label in labels if label.endswith(" alone")]
+    print("\n| model | " + " | ".join(labels) + " | best single / latency |")
+    print("|---|" + "---|" * (len(labels) + 1))
+    for model_name, results in rows:
+        best = min((results[s] for s in singles if results.get(s)), default=None)
+        ratio = best / results["hetero latency"] if best and results.get("hetero latency") else None
+        cells = [f"{results[label]:.2f}" if results.get(label) else "n/a" for label in labels]
+        print(f"| {model_name} | " + " | ".join(cells) + f" | {f'{ratio:.2f}x' if ratio else 'n/a'} |")
+    cold, warm_plan, warm_compile = planning_times()
+    print(f"\nResNet-50 planning: cold profiling {cold:.1f} s in an empty cache, warm latency planning "
+          f"{warm_plan:.2f} s, warm compile with policy latency {warm_compile:.2f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,121 @@
+"""Throughput and overhead benchmark: Hetero against OpenVINO and ONNX Runtime run natively.
+
+    python benchmarks/throughput.py [--models resnet50,nanodet,mobilenet_v2] [--seconds 10]
+
+1. Requests per second with the queue kept full: Hetero's `throughput` policy against OpenVINO's
+   THROUGHPUT hint with async infer requests (as benchmark_app runs it) and ONNX Runtime with one
+   session per core; fp32 everywhere.
+2. Hetero's own cost at batch 1: a single-executor Hetero session against the same library run
+   natively, median of interleaved runs (target: within 3%).
+3. On a host with a GPU: GPU and CPU together against each alone (target: together >= GPU alone
+   + 0.8 x CPU alone).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import onnx
+
+import hetero
+from hetero import executors, zoo
+from hetero.bench import native, run_load
+from hetero.executors import is_accelerator
+from hetero.graph import example_feeds
+from hetero.runtime.tuning import measure_rate
+
+ROOT = Path(__file__).resolve().parent.parent
+MODELS = {"resnet50": zoo.resnet50, "mobilenet_v2": zoo.mobilenet_v2,
+          "nanodet": lambda: onnx.load(ROOT / "models" / "nanodet-g-coco.onnx")}
+
+
+def throughput(model: hetero.Model, seconds: float) -> None:
+    feeds = example_feeds(model)
+    runner = hetero.compile(model, policy="throughput")
+    rows = [("hetero throughput", measure_rate(runner, feeds, seconds), runner.plan.notes[-1])]
+    runner.close()
+    folded = f"on the model as Hetero loads it ({model.folded} constant nodes folded)" if model.folded else ""
+    try:
+        result = native.openvino_throughput(model.proto, feeds, seconds)
+        rows.append((result.name, result.rate, folded))
+    except Exception as exc:
+        reason = str(exc).splitlines()[0][:80]
+        rows.append(("openvino THROUGHPUT hint", None, f"cannot run natively: {reason}"))
+    name, call, clients = native.onnxruntime_sessions(model.proto)
+    rows.append((name, run_load(name, lambda: call(feeds), duration=seconds, concurrency=clients).rate, ""))
+    ours = rows[0][1]
+    print(f"\n{model.label}: requests/s with the queue full ({seconds:g} s each, fp32)")
+    print("| runner | req/s | hetero / runner | note |\n|---|---|---|---|")
+    for label, rate, note in rows:
+        ratio = f"{ours / rate:.2f}" if rate else "-"
+        print(f"| {label} | {rate:.1f} | {ratio} | {note} |" if rate else f"| {label} | n/a | - | {note} |")
+
+
+def overhead(model: hetero.Model, rounds: int = 30) -> None:
+    feeds = example_feeds(model)
+    pairs = {}
+    libraries = {e.library for e in executors.available()}
+    if "onnxruntime" in libraries:
+        pairs["onnxruntime"] = (hetero.compile(model, ["onnxruntime"]),
+                                native.onnxruntime_latency(model.proto))
+    if "openvino" in libraries:
+        try:
+            pairs["openvino"] = (hetero.compile(model, ["openvino"]), native.openvino_latency(model.proto))
+        except Exception as exc:
+            print(f"  openvino cannot run {model.label} natively: {str(exc).splitlines()[0][:80]}")
+    print(f"\n{model.label}: batch-1 latency, Hetero single-executor session vs the library natively "
+          f"(median of {rounds} interleaved runs)")
+    print("| library | hetero ms | native ms | hetero / native |\n|---|---|---|---|")
+    for library, (session, call) in pairs.items():
+        ours, theirs = [], []
+        for _ in range(3):
+            session.run(feeds)
+            call(feeds)
+        for _ in range(rounds):
+            start = time.perf_counter()
+            session.run(feeds)
+            ours.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            call(feeds)
+            theirs.append(time.perf_counter() - start)
+        a, b = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
+        print(f"| {library} | {a:.2f} | {b:.2f} | {a / b:.3f} |")
+
+
+def gpu_and_cpu(model: hetero.Model, seconds: float) -> None:
+    accelerators = [e for e in executors.available() if is_accelerator(e)]
+    if not accelerators:
+        print("\nno GPU or other accelerator here: GPU + CPU scaling not measured")
+        return
+    feeds = example_feeds(model)
+    host = [e for e in executors.available() if not is_accelerator(e)]
+    gpu = hetero.ReplicaPool.build(model, [[accelerators[0], *host]])
+    cpu = hetero.ReplicaPool.build(model, [host])
+    both = hetero.ReplicaPool.build(model, [[accelerators[0], *host], host])
+    rates = {name: measure_rate(pool, feeds, seconds) for name, pool in
+             (("GPU alone", gpu), ("CPU alone", cpu), ("GPU + CPU", both))}
+    for pool in (gpu, cpu, both):
+        pool.close()
+    target = rates["GPU alone"] + 0.8 * rates["CPU alone"]
+    print(f"\n{model.label}: " + ", ".join(f"{k} {v:.1f} req/s" for k, v in rates.items())
+          + f"; target GPU + 0.8 CPU = {target:.1f}: {'met' if rates['GPU + CPU'] >= target else 'missed'}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50,nanodet")
+    parser.add_argument("--seconds", type=float, default=10.0)
+    args = parser.parse_args()
+    print(f"executors: {', '.join(e.name for e in executors.available())}")
+    for name in args.models.split(","):
+        model = hetero.load(MODELS[name](), name=name)
+        throughput(model, args.seconds)
+        overhead(model)
+        gpu_and_cpu(model, args.seconds)
+
+
+if __name__ == "__main__":
+    main()
