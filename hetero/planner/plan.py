@@ -58,6 +58,7 @@ class CandidateReport:
     estimated_ms: float
     measured_ms: float | None
     chosen: bool
+    note: str = ""
 
 
 @dataclass
@@ -144,7 +145,8 @@ class Plan:
                   + (f"  est {r[5]} ms, measured {r[6]} ms" if timed else "") for r in parts]
         lines += [f"  transfer {r[0]} ({r[1]}) {r[2]}  {r[3]} -> {r[4]}" for r in transfers]
         lines += [f"  candidate {c.name}: est {_ms(c.estimated_ms)} ms, measured {_ms(c.measured_ms)} ms"
-                  + (" (chosen)" if c.chosen else "") for c in self.candidates]
+                  + (" (chosen)" if c.chosen else "") + (f" - {c.note}" if c.note else "")
+                  for c in self.candidates]
         lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 

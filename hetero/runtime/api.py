@@ -17,19 +17,23 @@ from hetero.runtime.tuning import tune_latency, tune_throughput
 
 def compile(model: ModelSource, executors: Sequence[str | Executor] | str | None = None,
             policy: str = "priority", *, affinity: Mapping[str, str | Executor] | None = None,
-            progress: Progress | None = None, max_in_flight: int = 16) -> Session | ReplicaPool:
+            progress: Progress | None = None, max_in_flight: int = 16,
+            allow_precision: str | None = None) -> Session | ReplicaPool:
     """Load (if needed), place and compile a model for this host's executors.
 
     Policies: `priority` (first executor in `executors` order that supports each node), `manual`
     (`affinity` rules: op type or node-name pattern -> executor, the rest by priority), `latency`
     / `auto` (measured: the fastest of the single-library plans and the searched placements),
     `throughput` (measured: replicas on CPU streams and devices, or one pipelined session).
+    Everything runs in fp32 unless `allow_precision="bf16"` lets measured policies use bf16
+    variants (OpenVINO's) where the outputs stay within 1% relative error of fp32.
     Returns a `Session`, or a `ReplicaPool` when `throughput` chooses replicas; both have `run`,
     `submit`, `run_async` and `map`.
     """
     model = load(model)
     if policy in ("latency", "auto"):
-        return tune_latency(model, executors, progress=progress, max_in_flight=max_in_flight)
+        return tune_latency(model, executors, progress=progress, max_in_flight=max_in_flight,
+                            allow_precision=allow_precision)
     if policy == "throughput":
         return tune_throughput(model, executors, progress=progress)
     return compile_plan(model, executors, policy, affinity=affinity, max_in_flight=max_in_flight)

@@ -13,10 +13,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
+
 from hetero import executors as executor_registry
 from hetero import planner
 from hetero.cache import JsonStore
-from hetero.errors import PlanError
+from hetero.errors import ExecutorUnavailableError, PlanError
 from hetero.executors import Executor, default_threads, is_accelerator
 from hetero.graph import Model, example_feeds
 from hetero.planner import Candidate, CandidateReport, Plan
@@ -25,6 +27,7 @@ from hetero.runtime.replicas import ReplicaPool
 from hetero.runtime.session import Session, compile_plan
 
 MEASURE_TOP = 3  # searched placements measured besides every single-library plan
+PRECISION_TOLERANCE = 0.01  # relative L2 output error a reduced-precision candidate may add
 _plans = JsonStore("plans")
 
 
@@ -35,34 +38,51 @@ def _key(model: Model, kind: str, names: Sequence[str]) -> str:
 
 
 def tune_latency(model: Model, executors: Sequence[str | Executor] | None, *,
-                 progress: Progress | None = None, max_in_flight: int = 16) -> Session:
+                 progress: Progress | None = None, max_in_flight: int = 16,
+                 allow_precision: str | None = None, tolerance: float = PRECISION_TOLERANCE) -> Session:
     """Measure candidate placements whole and return a session of the fastest.
 
     First every single-library plan is measured; their measured-over-estimated ratios calibrate
     each executor's node costs; the search then runs again on calibrated costs and its best few
-    placements are measured too.
+    placements are measured too. With `allow_precision="bf16"`, executors' bf16 variants join the
+    search, and a candidate using one is kept only if every output stays within `tolerance`
+    (relative L2 error against the exact fp32 reference, on the calibration inputs).
     """
+    chosen = executor_registry.resolve(executors)
+    if allow_precision:
+        chosen += _variants(chosen, allow_precision)
     feeds = example_feeds(model)
+    reference = _reference_outputs(model, feeds) if allow_precision else None
     measured: dict[tuple[str, ...], tuple[Candidate, float, Session | None]] = {}
+    rejected: list[CandidateReport] = []
 
     def measure(candidate: Candidate) -> None:
         names = tuple(e.name for e in candidate.assignment)
-        if names in measured:
+        if names in measured or any(r.name == candidate.name for r in rejected):
             return
         key = _key(model, "latency", names)
         cached = _plans.get(key)
-        if cached is not None:
+        reduced = any(getattr(e, "precision", "fp32") != "fp32" for e in candidate.assignment)
+        if cached is not None and not reduced:
             measured[names] = (candidate, float(cached), None)
             return
         try:
-            session = _session(model, executors, candidate, max_in_flight)
-            ms = time_call(lambda: session.run(feeds), min_repeats=5, budget_s=1.0) * 1e3
+            session = _session(model, chosen, candidate, max_in_flight)
+            if reduced and reference is not None:
+                error = _relative_error(session.run(feeds), reference)
+                if error > tolerance:
+                    rejected.append(CandidateReport(candidate.name, candidate.estimate_ms, None, False,
+                                                    f"output error {error:.2%} > {tolerance:.2%}"))
+                    return
+            ms = float(cached) if cached is not None else (
+                time_call(lambda: session.run(feeds), min_repeats=5, budget_s=1.0) * 1e3)
         except Exception as exc:
             candidate.plan.notes.append(f"candidate {candidate.name} failed: {exc}")
             return
         _plans.put(key, ms)
         measured[names] = (candidate, ms, session)
 
+    executors = chosen
     found = planner.search(model, executors, progress=progress)
     singles = [c for c in found if c.name.endswith(" alone")]
     for candidate in singles:
@@ -82,8 +102,37 @@ def tune_latency(model: Model, executors: Sequence[str | Executor] | None, *,
     if session is None:
         session = _session(model, executors, best, max_in_flight)
     reports = [CandidateReport(c.name, c.estimate_ms, ms, c is best) for c, ms, _ in measured.values()]
-    _explain(session, reports, best.plan.partition_estimates, feeds)
+    _explain(session, reports + rejected, best.plan.partition_estimates, feeds)
     return session
+
+
+def _variants(executors: list[Executor], precision: str) -> list[Executor]:
+    variants = []
+    for executor in executors:
+        try:
+            variant = executor_registry.variant_of(executor, precision)
+        except ExecutorUnavailableError:
+            continue
+        if variant is not executor and variant not in executors:
+            variants.append(variant)
+    return variants
+
+
+def _reference_outputs(model: Model, feeds: dict) -> dict:
+    return compile_plan(model, [executor_registry.reference()]).run(feeds)
+
+
+def _relative_error(outputs: dict, reference: dict) -> float:
+    """Largest relative L2 error over the outputs (float outputs; others must match exactly)."""
+    worst = 0.0
+    for name, expected in reference.items():
+        got, want = np.asarray(outputs[name]), np.asarray(expected)
+        if want.dtype.kind != "f":
+            worst = max(worst, 0.0 if np.array_equal(got, want) else float("inf"))
+            continue
+        scale = float(np.linalg.norm(want.astype(np.float64))) or 1.0
+        worst = max(worst, float(np.linalg.norm((got - want).astype(np.float64))) / scale)
+    return worst
 
 
 def _session(model: Model, executors: Sequence[str | Executor] | None, candidate: Candidate,
