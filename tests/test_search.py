@@ -154,3 +154,23 @@ def test_trace_is_a_chrome_timeline(tmp_path):
     assert len(partitions) == len(session.plan.partitions)
     assert all(e["dur"] >= 0 for e in partitions)
     assert trace.save(tmp_path / "t.json").stat().st_size > 0
+
+
+def test_described_devices_sketch_a_plan_with_estimates(tmp_path):
+    from hetero.planner.described import load_described
+
+    profile = tmp_path / "devices.json"
+    profile.write_text('{"devices": [{"executor": "torch@cuda:7", "like": "numpy", "peak_gflops": 50000, '
+                       '"bandwidth_gbs": 2000, "overhead_us": 20, "link_gbs": 25, "link_us": 10}]}')
+    described, profiles = load_described(profile)
+    model = hetero.load(small_cnn())
+    found = hetero.planner.search(model, [*described, "numpy"], profiles=profiles)
+    best = found[0]
+    assert {p.executor.name for p in best.plan.partitions} == {"torch@cuda:7"}
+    assert {t.link for t in best.plan.transfers} == {"cpu -> cuda:7", "cuda:7 -> cpu"}
+    assert best.estimate_ms < next(c for c in found if c.name == "numpy@cpu alone").estimate_ms
+    with pytest.raises(hetero.ExecutorUnavailableError, match="described"):
+        described[0].compile(model.proto)
+    (tmp_path / "bad.json").write_text('{"devices": [{"executor": "x@cuda:0"}]}')
+    with pytest.raises(hetero.PlanError, match=r"devices\[0\]: missing field 'peak_gflops'"):
+        load_described(tmp_path / "bad.json")
