@@ -1,7 +1,7 @@
 """`numpy@cpu`: the exact host executor, always present.
 
 Built on the `onnx.reference` kernels, so it runs every standard operator with ONNX's own
-semantics; the hot operators take fast numpy/BLAS paths (`numpy_kernels`). It is the executor
+semantics; the hot operators take fast numpy/BLAS paths (`array_kernels`). It is the executor
 of last resort: vendor libraries add speed, this one keeps every case running.
 """
 
@@ -18,8 +18,8 @@ from onnx.reference.op_run import OpRun, RuntimeContextError
 
 from hetero import kernels
 from hetero.errors import CompileError, RunError
+from hetero.executors.array_kernels import FAST_OPS
 from hetero.executors.base import CompiledPartition, Executor, ExecutorInfo
-from hetero.executors.numpy_kernels import FAST_OPS
 from hetero.graph import Model, Node
 
 _REFERENCE_DOMAINS = ("", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training", "experimental")

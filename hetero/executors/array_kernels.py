@@ -1,17 +1,20 @@
-"""Fast numpy paths for the hot operators, plugged into `onnx.reference` as overriding ops.
+"""Hot-operator kernels written against numpy's array API, so they run on numpy (the numpy
+executor's fast paths, plugged into `onnx.reference` as overriding ops) and unchanged on CuPy
+arrays (the CuPy executor on GPUs): strided views and one batched GEMM (`matmul`, BLAS or
+cuBLAS) per convolution.
 
-Each class handles the common case with strided views and BLAS (`np.matmul`) and hands
-anything unusual to the `onnx.reference` implementation of the same node, so semantics stay
-exactly ONNX's.
+Each op class handles the common case and hands anything unusual to the `onnx.reference`
+implementation of the same node, so semantics stay exactly ONNX's.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
+from types import ModuleType
 from typing import Any
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 from onnx.reference.op_run import OpRun
 from onnx.reference.ops import load_op
 
@@ -53,39 +56,43 @@ def resolve_pads(auto_pad: str | None, spatial: tuple[int, ...], kernel: tuple[i
     return [int(p) for p in pads]
 
 
-def windows(x: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...],
-            dilations: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
+def array_module(x: Any) -> ModuleType:
+    """numpy for numpy arrays, cupy for cupy arrays: the module whose functions fit `x`."""
+    return importlib.import_module(type(x).__module__.partition(".")[0])
+
+
+def windows(x: Any, kernel: tuple[int, ...], strides: tuple[int, ...],
+            dilations: tuple[int, ...], out_shape: tuple[int, ...]) -> Any:
     """View of shape (N, C, *kernel, *out_shape) over a padded NC... array, no copy."""
     s = x.strides
     nd = len(kernel)
-    return as_strided(
+    return array_module(x).lib.stride_tricks.as_strided(
         x,
         shape=(*x.shape[:2], *kernel, *out_shape),
         strides=(s[0], s[1], *(s[2 + i] * dilations[i] for i in range(nd)),
                  *(s[2 + i] * strides[i] for i in range(nd))),
-        writeable=False,
     )
 
 
-def _pad_spatial(x: np.ndarray, pads: list[int], value: float = 0.0) -> np.ndarray:
+def _pad_spatial(x: Any, pads: list[int], value: float = 0.0) -> Any:
     nd = x.ndim - 2
     if not any(pads):
         return x
     widths = [(0, 0), (0, 0)] + [(pads[i], pads[i + nd]) for i in range(nd)]
-    return np.pad(x, widths, constant_values=value)
+    return array_module(x).pad(x, widths, constant_values=value)
 
 
-def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, auto_pad: str | None = None,
-         dilations: Any = None, group: int = 1, kernel_shape: Any = None, pads: Any = None,
-         strides: Any = None) -> np.ndarray:
+def conv(x: Any, w: Any, b: Any = None, *, auto_pad: str | None = None, dilations: Any = None,
+         group: int = 1, kernel_shape: Any = None, pads: Any = None, strides: Any = None) -> Any:
     """N-d convolution: 1x1 as one GEMM, depthwise as shifted multiply-adds, else im2col + GEMM."""
+    xp = array_module(x)
     nd = x.ndim - 2
     kernel = tuple(int(k) for k in (kernel_shape or w.shape[2:]))
     strides = tuple(int(s) for s in (strides or (1,) * nd))
     dilations = tuple(int(d) for d in (dilations or (1,) * nd))
     pads = resolve_pads(auto_pad, x.shape[2:], kernel, strides, dilations, pads)
-    xp = _pad_spatial(x, pads)
-    out_shape = tuple((xp.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
+    padded = _pad_spatial(x, pads)
+    out_shape = tuple((padded.shape[2 + i] - (kernel[i] - 1) * dilations[i] - 1) // strides[i] + 1
                       for i in range(nd))
     n, c = x.shape[:2]
     m = w.shape[0]
@@ -93,30 +100,32 @@ def conv(x: np.ndarray, w: np.ndarray, b: np.ndarray | None = None, *, auto_pad:
     cg, mg = c // group, m // group
     length = math.prod(out_shape)
     if cg == 1 and mg == 1 and math.prod(kernel) > 1:
-        y = _depthwise(xp, w, kernel, strides, dilations, out_shape)
+        y = _depthwise(padded, w, kernel, strides, dilations, out_shape)
     else:
         if all(k == 1 for k in kernel):
-            sliced = xp[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
-            cols = np.ascontiguousarray(sliced[(..., *(slice(0, o) for o in out_shape))])
+            sliced = padded[(slice(None), slice(None), *(slice(None, None, s) for s in strides))]
+            cols = xp.ascontiguousarray(sliced[(..., *(slice(0, o) for o in out_shape))])
             cols = cols.reshape(n, group, cg, length)
         else:
-            view = windows(xp, kernel, strides, dilations, out_shape)
+            view = windows(padded, kernel, strides, dilations, out_shape)
             cols = view.reshape(n, group, cg * math.prod(kernel), length)
-        y = np.matmul(w.reshape(group, mg, -1), cols).reshape(n, m, *out_shape)
+        y = xp.matmul(w.reshape(group, mg, -1), cols).reshape(n, m, *out_shape)
     if b is not None:
         y += b.reshape(1, m, *(1,) * nd)
     return y
 
 
-def _depthwise(xp: np.ndarray, w: np.ndarray, kernel: tuple[int, ...], strides: tuple[int, ...],
-               dilations: tuple[int, ...], out_shape: tuple[int, ...]) -> np.ndarray:
-    n, c = xp.shape[:2]
-    y = np.zeros((n, c, *out_shape), dtype=np.result_type(xp, w))
+def _depthwise(padded: Any, w: Any, kernel: tuple[int, ...], strides: tuple[int, ...],
+               dilations: tuple[int, ...], out_shape: tuple[int, ...]) -> Any:
+    xp = array_module(padded)
+    n, c = padded.shape[:2]
+    y = xp.zeros((n, c, *out_shape), dtype=xp.result_type(padded, w))
     nd = len(kernel)
     for offset in np.ndindex(*kernel):
         index = tuple(slice(o * d, o * d + (size - 1) * s + 1, s)
                       for o, d, s, size in zip(offset, dilations, strides, out_shape, strict=True))
-        y += xp[(slice(None), slice(None), *index)] * w[(slice(None), 0, *offset)].reshape(1, c, *(1,) * nd)
+        y += padded[(slice(None), slice(None), *index)] * w[(slice(None), 0, *offset)].reshape(
+            1, c, *(1,) * nd)
     return y
 
 
@@ -129,7 +138,7 @@ class Conv(_FastOp):
                      kernel_shape=kernel_shape, pads=pads, strides=strides).astype(x.dtype, copy=False),)
 
 
-def _pool_geometry(x: np.ndarray, kernel_shape: Any, strides: Any, dilations: Any, pads: Any,
+def _pool_geometry(x: Any, kernel_shape: Any, strides: Any, dilations: Any, pads: Any,
                    auto_pad: str | None, ceil_mode: int | None):
     nd = x.ndim - 2
     kernel = tuple(int(k) for k in kernel_shape)
@@ -148,17 +157,41 @@ def _pool_geometry(x: np.ndarray, kernel_shape: Any, strides: Any, dilations: An
     return kernel, strides, dilations, pads, tuple(out_shape), extra
 
 
+def max_pool(x: Any, *, kernel_shape: Any, strides: Any = None, pads: Any = None, dilations: Any = None,
+             auto_pad: str | None = None, ceil_mode: int | None = None) -> Any:
+    kernel, strides, dilations, pads, out_shape, extra = _pool_geometry(
+        x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+    nd = len(kernel)
+    padded = _pad_spatial(x, pads[:nd] + [p + e for p, e in zip(pads[nd:], extra, strict=True)], -np.inf)
+    return windows(padded, kernel, strides, dilations, out_shape).max(axis=tuple(range(2, 2 + nd)))
+
+
+def average_pool(x: Any, *, kernel_shape: Any, strides: Any = None, pads: Any = None, dilations: Any = None,
+                 auto_pad: str | None = None, ceil_mode: int | None = None,
+                 count_include_pad: int | None = None) -> Any:
+    """Divides by the elements each window covers: real ones, plus explicit pads if counted, never
+    the extra end a ceil_mode window hangs over."""
+    kernel, strides, dilations, pads, out_shape, extra = _pool_geometry(
+        x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
+    nd = len(kernel)
+    end = [p + e for p, e in zip(pads[nd:], extra, strict=True)]
+    axes = tuple(range(2, 2 + nd))
+    total = windows(_pad_spatial(x, pads[:nd] + end), kernel, strides, dilations, out_shape).sum(axis=axes)
+    ones = array_module(x).ones((1, 1, *x.shape[2:]), dtype=x.dtype)
+    if count_include_pad and (auto_pad or "NOTSET") == "NOTSET":
+        mask = _pad_spatial(_pad_spatial(ones, pads, 1.0), [0] * nd + list(extra))
+    else:
+        mask = _pad_spatial(ones, pads[:nd] + end)
+    return total / windows(mask, kernel, strides, dilations, out_shape).sum(axis=axes)
+
+
 class MaxPool(_FastOp):
     def _run(self, x, auto_pad=None, ceil_mode=None, dilations=None, kernel_shape=None, pads=None,
              storage_order=None, strides=None):
         if len(self.onnx_node.output) > 1 or x.dtype.kind != "f" or x.ndim < 3:
             return self.reference(x)
-        kernel, strides, dilations, pads, out_shape, extra = _pool_geometry(
-            x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
-        nd = len(kernel)
-        padded = _pad_spatial(x, pads[:nd] + [p + e for p, e in zip(pads[nd:], extra, strict=True)], -np.inf)
-        view = windows(padded, kernel, strides, dilations, out_shape)
-        return (view.max(axis=tuple(range(2, 2 + nd))).astype(x.dtype, copy=False),)
+        return (max_pool(x, kernel_shape=kernel_shape, strides=strides, pads=pads, dilations=dilations,
+                         auto_pad=auto_pad, ceil_mode=ceil_mode).astype(x.dtype, copy=False),)
 
 
 class AveragePool(_FastOp):
@@ -166,21 +199,9 @@ class AveragePool(_FastOp):
              kernel_shape=None, pads=None, strides=None):
         if x.dtype.kind != "f" or x.ndim < 3:
             return self.reference(x)
-        kernel, strides, dilations, pads, out_shape, extra = _pool_geometry(
-            x, kernel_shape, strides, dilations, pads, auto_pad, ceil_mode)
-        nd = len(kernel)
-        end = [p + e for p, e in zip(pads[nd:], extra, strict=True)]
-        axes = tuple(range(2, 2 + nd))
-        padded = _pad_spatial(x, pads[:nd] + end)
-        total = windows(padded, kernel, strides, dilations, out_shape).sum(axis=axes)
-        ones = np.ones((1, 1, *x.shape[2:]), dtype=x.dtype)
-        if count_include_pad and (auto_pad or "NOTSET") == "NOTSET":
-            ones = _pad_spatial(ones, pads, 1.0)
-            mask = _pad_spatial(ones, [0] * nd + list(extra))
-        else:
-            mask = _pad_spatial(ones, pads[:nd] + end)
-        count = windows(mask, kernel, strides, dilations, out_shape).sum(axis=axes)
-        return ((total / count).astype(x.dtype, copy=False),)
+        return (average_pool(x, kernel_shape=kernel_shape, strides=strides, pads=pads, dilations=dilations,
+                             auto_pad=auto_pad, ceil_mode=ceil_mode,
+                             count_include_pad=count_include_pad).astype(x.dtype, copy=False),)
 
 
 class GlobalAveragePool(_FastOp):
