@@ -154,12 +154,11 @@ def variant_of(executor: Executor, precision: str | None = None, *, threads: int
     key = (executor.library, str(executor.device), precision, threads, stream)
     with _lock:
         if key not in _variants:
-            try:
-                changes = {"precision": precision} if precision != "fp32" else {}
-                _variants[key] = executor.variant(threads=threads, stream=stream, **changes)
-            except TypeError:
+            if precision != "fp32" and not hasattr(executor, "precision"):
                 raise ExecutorUnavailableError(
-                    f"executor {executor.name} has no precision variant {precision!r}") from None
+                    f"executor {executor.name} has no precision variant {precision!r}")
+            changes = {"precision": precision} if precision != "fp32" else {}
+            _variants[key] = executor.variant(threads=threads, stream=stream, **changes)
         return _variants[key]
 
 

@@ -209,4 +209,53 @@ class GlobalAveragePool(_FastOp):
         return (x.mean(axis=tuple(range(2, x.ndim)), keepdims=True).astype(x.dtype, copy=False),)
 
 
-FAST_OPS: list[type[OpRun]] = [Conv, MaxPool, AveragePool, GlobalAveragePool]
+class _Coerced2D(_FastOp):
+    """Softmax, LogSoftmax and Hardmax before opset 13 flatten the input to 2-D at `axis` (default
+    1) and work over the second dimension; onnx.reference applies the opset-13 rule instead."""
+
+    def _run(self, x, axis=None):
+        version = self._run_params["opsets"][""]
+        if version >= 13 or x.ndim == 0:
+            return self.reference(x)
+        axis = (1 if axis is None else axis) % max(x.ndim, 1)
+        flat = x.reshape(math.prod(x.shape[:axis]), -1)
+        return (self.over_rows(flat).reshape(x.shape).astype(x.dtype, copy=False),)
+
+    def over_rows(self, flat):
+        raise NotImplementedError
+
+
+class Softmax(_Coerced2D):
+    def over_rows(self, flat):
+        exp = np.exp(flat - flat.max(axis=1, keepdims=True))
+        return exp / exp.sum(axis=1, keepdims=True)
+
+
+class LogSoftmax(_Coerced2D):
+    def over_rows(self, flat):
+        shifted = flat - flat.max(axis=1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+
+
+class Hardmax(_Coerced2D):
+    def over_rows(self, flat):
+        out = np.zeros_like(flat)
+        out[np.arange(flat.shape[0]), flat.argmax(axis=1)] = 1
+        return out
+
+
+class LRN(_FastOp):
+    """Local response normalisation across channels (onnx.reference sums over the wrong axis)."""
+
+    def _run(self, x, alpha=None, beta=None, bias=None, size=None):
+        alpha, beta, bias = (1e-4 if alpha is None else alpha), (0.75 if beta is None else beta), \
+            (1.0 if bias is None else bias)
+        squares = np.square(x.astype(np.float64))
+        before, after = (size - 1) // 2, size - 1 - (size - 1) // 2
+        padded = np.pad(squares, [(0, 0), (before, after)] + [(0, 0)] * (x.ndim - 2))
+        total = sum(padded[:, i:i + x.shape[1]] for i in range(size))
+        return ((x / (bias + alpha / size * total) ** beta).astype(x.dtype),)
+
+
+FAST_OPS: list[type[OpRun]] = [Conv, MaxPool, AveragePool, GlobalAveragePool, Softmax, LogSoftmax, Hardmax,
+                               LRN]
