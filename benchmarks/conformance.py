@@ -21,7 +21,6 @@ from onnx.backend.base import Backend, BackendRep
 from onnx.reference import ReferenceEvaluator
 
 import hetero.backend
-from hetero import executors
 
 
 class _ReferenceRep(BackendRep):
@@ -55,11 +54,9 @@ def backends() -> dict[str, object]:
         found["onnxruntime"] = onnxruntime.backend
     except ImportError:
         pass
-    installed = [lib.library for lib in executors.libraries() if lib.executors]
-    found["hetero-default"] = hetero.backend.configured(None)
-    for library in installed:
-        order = [library] + [lib for lib in installed if lib != library]
-        found[f"hetero-{library}-first"] = hetero.backend.configured(order)
+    for tag, order in hetero.backend.suite_configurations().items():
+        name = "hetero-default" if tag == "default" else f"hetero-{tag}-first"
+        found[name] = hetero.backend.configured(order)
     return found
 
 

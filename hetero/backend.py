@@ -60,6 +60,21 @@ class HeteroBackend(Backend):
         return device.upper() == "CPU"
 
 
+def suite_configurations() -> dict[str, list | None]:
+    """Executor orders the backend suite runs under: the default, each installed library first
+    (the rest after it, numpy last as the exact fallback), and the host twin of the CUDA
+    interpreter, which checks on CI every op the GPU executor claims."""
+    from hetero import executors
+    from hetero.executors.cupy_executor import CupyExecutor
+
+    installed = [lib.library for lib in executors.libraries() if lib.executors]
+    configs: dict[str, list | None] = {"default": None}
+    for library in installed:
+        configs[library] = [library] + [lib for lib in installed if lib != library]
+    configs["cupy-twin"] = [CupyExecutor.on_host(), *installed]
+    return configs
+
+
 def configured(executors: Sequence[str] | None = None, policy: str = "priority") -> type[HeteroBackend]:
     """A backend class whose sessions use these executors (in priority order) and this policy."""
     return type("HeteroBackend", (HeteroBackend,), {"executors": executors, "policy": policy})

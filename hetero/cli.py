@@ -1,10 +1,12 @@
-"""The `hetero` command line: devices, plan, run."""
+"""The `hetero` command line: devices, plan, run, demo."""
 
 from __future__ import annotations
 
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Annotated
 
@@ -14,12 +16,14 @@ try:
     import typer
     from rich.console import Console
     from rich.markup import escape
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 except ImportError as exc:  # the CLI is an optional extra
     raise SystemExit(f"the hetero command needs its CLI extra: pip install 'hetero[cli]' "
                      f"({exc.name} missing)") from exc
 
 import hetero
+from hetero.bench import BenchResult, native, run_load
 from hetero.graph import example_feeds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -28,7 +32,8 @@ console = Console()
 
 ExecutorsOption = Annotated[str | None, typer.Option(
     "--executors", "-e", help="Executors in priority order, e.g. 'openvino,numpy' or 'torch@cuda:0'.")]
-PolicyOption = Annotated[str, typer.Option("--policy", "-p", help="Placement policy: priority or manual.")]
+PolicyOption = Annotated[str, typer.Option(
+    "--policy", "-p", help="priority, manual, latency (measured), throughput (measured) or auto.")]
 AffinityOption = Annotated[list[str] | None, typer.Option(
     "--affinity", "-a", help="OP_OR_NODE_PATTERN=EXECUTOR (policy manual); repeatable.")]
 DimOption = Annotated[list[str] | None, typer.Option(
@@ -49,13 +54,29 @@ def _executors(text: str | None) -> list[str] | None:
     return [s.strip() for s in text.split(",") if s.strip()] if text else None
 
 
+@contextmanager
+def _progress(what: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A progress bar for long planning work; yields the callback the planner reports to."""
+    columns = (TextColumn(f"{what} [dim]{{task.fields[item]}}"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(what, total=None, item="")
+
+        def report(done: int, total: int, item: str) -> None:
+            bar.update(task, completed=done, total=total, item=item)
+
+        yield report
+
+
 def _fail(error: Exception) -> None:
     console.print(f"[bold red]error:[/] {escape(str(error))}")
     raise typer.Exit(2)
 
 
 @app.command()
-def devices() -> None:
+def devices(probe: Annotated[bool, typer.Option(
+        "--probe", help="Measure each executor's peak GFLOP/s, bandwidth, call overhead and host link "
+        "(the roofline the planner estimates with).")] = False) -> None:
     """List every device and executor on this host, with library versions."""
     inventory = hetero.devices()
     table = Table("device", "executor", "library", "version", "threads", "precision", title="executors")
@@ -67,14 +88,28 @@ def devices() -> None:
     for lib in inventory.libraries:
         if not lib.executors:
             console.print(f"[yellow]{lib.library}[/]: {escape(lib.error or 'no device found')}")
+    if probe:
+        from hetero.planner.cost import probe as measure
+
+        figures = Table("executor", "peak GFLOP/s", "bandwidth GB/s", "call overhead us", "host link",
+                        title="roofline (cached; measured with a 1024^3 GEMM and a 16 MiB add)")
+        for executor in hetero.executors.available():
+            with console.status(f"probing {executor.name}"):
+                profile = measure(executor, refresh=True)
+            link = (f"{profile.link_gbs:.1f} GB/s, {profile.link_ms * 1e3:.0f} us" if profile.link_gbs
+                    else "-")
+            figures.add_row(executor.name, f"{profile.peak_gflops:.1f}", f"{profile.bandwidth_gbs:.1f}",
+                            f"{profile.overhead_ms * 1e3:.1f}", link)
+        console.print(figures)
 
 
 def _print_plan(plan: hetero.Plan) -> None:
     parts, transfers = plan.rows()
-    table = Table("#", "executor", "nodes", "ops", "after",
+    timed = bool(plan.partition_estimates or plan.partition_measured)
+    table = Table("#", "executor", "nodes", "ops", "after", *(("est ms", "measured ms") if timed else ()),
                   title=f"plan for {plan.model.label} ({len(plan.model.nodes)} nodes, policy {plan.policy})")
     for row in parts:
-        table.add_row(*row)
+        table.add_row(*(row if timed else row[:5]))
     console.print(table)
     if transfers:
         moves = Table("tensor", "bytes", "link", "from", "to", title="transfers")
@@ -83,6 +118,12 @@ def _print_plan(plan: hetero.Plan) -> None:
         console.print(moves)
     else:
         console.print("no transfers: every partition shares host memory")
+    if plan.candidates:
+        candidates = Table("candidate", "est ms", "measured ms", "", title="placements considered")
+        for c in plan.candidates:
+            candidates.add_row(c.name, f"{c.estimated_ms:.2f}", "-" if c.measured_ms is None else
+                               f"{c.measured_ms:.2f}", "chosen" if c.chosen else f"rejected {c.note}".strip())
+        console.print(candidates)
     for note in plan.notes:
         console.print(f"[dim]note: {note}[/]")
 
@@ -90,13 +131,73 @@ def _print_plan(plan: hetero.Plan) -> None:
 @app.command()
 def plan(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
          executors: ExecutorsOption = None, policy: PolicyOption = "priority",
-         affinity: AffinityOption = None) -> None:
-    """Show where each part of a model would run and what crosses between memory spaces."""
+         affinity: AffinityOption = None,
+         svg: Annotated[Path | None, typer.Option(
+             help="Draw the graph coloured by executor (graphviz).")] = None,
+         describe: Annotated[Path | None, typer.Option(
+             help="YAML/JSON profile of devices not on this host, to sketch a plan with estimates.")] = None,
+         ) -> None:
+    """Show where each part of a model would run, what crosses memory spaces and, for measured
+    policies, the estimated and measured times and the candidates rejected."""
     try:
         loaded = hetero.load(model)
-        _print_plan(hetero.plan(loaded, _executors(executors), policy, affinity=_pairs(affinity, "affinity")))
+        with _progress("profiling") as progress:
+            if describe is not None:
+                chosen = _sketch(loaded, _executors(executors), policy, describe, progress)
+            else:
+                chosen = hetero.plan(loaded, _executors(executors), policy,
+                                     affinity=_pairs(affinity, "affinity"), progress=progress)
     except hetero.HeteroError as exc:
         _fail(exc)
+    _print_plan(chosen)
+    if svg is not None:
+        _draw(chosen, svg)
+
+
+def _sketch(model: hetero.Model, executors: list[str] | None, policy: str, describe: Path,
+            progress: Callable[[int, int, str], None]) -> hetero.Plan:
+    """A plan over this host's executors plus described ones, from estimates (nothing described runs)."""
+    from hetero.planner.described import load_described
+
+    described, profiles = load_described(describe)
+    chosen = [*hetero.executors.resolve(executors), *described]
+    if policy in hetero.planner.MEASURED_POLICIES:
+        found = hetero.planner.search(model, chosen, progress=progress, profiles=profiles)
+        sketch = found[0].plan
+        sketch.candidates = [hetero.planner.CandidateReport(c.name, c.estimate_ms, None, c is found[0])
+                             for c in found]
+    else:
+        sketch = hetero.planner.plan(model, chosen, policy)
+    sketch.notes.append(f"sketched with devices described in {describe}: times are estimates only")
+    return sketch
+
+
+def _draw(chosen: hetero.Plan, path: Path) -> None:
+    try:
+        import graphviz
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(graphviz.Source(chosen.dot()).pipe(format="svg"))
+    except ImportError:
+        _fail(RuntimeError("--svg needs the graphviz package: pip install 'hetero[cli]'"))
+    except graphviz.ExecutableNotFound:
+        _fail(RuntimeError("--svg needs Graphviz's dot program: apt install graphviz"))
+    console.print(f"wrote {path}")
+
+
+@app.command()
+def profile(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+            executors: ExecutorsOption = None) -> None:
+    """Measure every node of a model on every executor that supports it and cache the times."""
+    try:
+        loaded = hetero.load(model)
+        start = time.perf_counter()
+        with _progress("profiling") as progress:
+            found = hetero.planner.search(loaded, _executors(executors), progress=progress)
+    except hetero.HeteroError as exc:
+        _fail(exc)
+    console.print(f"profiled {loaded.label} in {time.perf_counter() - start:.1f} s; best estimate: "
+                  f"{found[0].name}, {found[0].estimate_ms:.2f} ms")
 
 
 @app.command()
@@ -106,22 +207,29 @@ def run(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
         executors: ExecutorsOption = None, policy: PolicyOption = "priority",
         affinity: AffinityOption = None, dim: DimOption = None,
         repeat: Annotated[int, typer.Option(help="Timed runs after the first.")] = 10,
-        check: Annotated[bool, typer.Option(help="Compare outputs with ONNX Runtime.")] = False) -> None:
+        check: Annotated[bool, typer.Option(help="Compare outputs with ONNX Runtime.")] = False,
+        trace: Annotated[Path | None, typer.Option(
+            help="Write a Chrome-trace/Perfetto timeline of partitions and transfers per device.")] = None,
+        ) -> None:
     """Compile and run a model; print its outputs, timings and optionally a check against ONNX Runtime."""
     try:
         loaded = hetero.load(model)
         feeds = _feeds(loaded, _pairs(inputs, "input"), _pairs(dim, "dim"))
         start = time.perf_counter()
-        session = hetero.compile(loaded, _executors(executors), policy, affinity=_pairs(affinity, "affinity"))
+        with _progress("profiling") as progress:
+            session = hetero.compile(loaded, _executors(executors), policy,
+                                     affinity=_pairs(affinity, "affinity"), progress=progress)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
         outputs = session.run(feeds)
         first_s = time.perf_counter() - start
         times = []
-        for _ in range(repeat):
-            start = time.perf_counter()
-            session.run(feeds)
-            times.append(time.perf_counter() - start)
+        tracing = session.tracing() if trace and isinstance(session, hetero.Session) else nullcontext()
+        with tracing as timeline:
+            for _ in range(repeat):
+                start = time.perf_counter()
+                session.run(feeds)
+                times.append(time.perf_counter() - start)
     except hetero.HeteroError as exc:
         _fail(exc)
     _print_plan(session.plan)
@@ -136,21 +244,150 @@ def run(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     if times:
         timing += f", median of {repeat} runs {statistics.median(times) * 1e3:.2f} ms"
     console.print(timing)
+    if timeline is not None:
+        console.print(f"wrote {timeline.save(trace)} (open in ui.perfetto.dev or chrome://tracing)")
     if check:
         _check_against_onnxruntime(loaded, feeds, outputs)
 
 
-@app.command()
-def demo(repeats: Annotated[int, typer.Option(help="Timed runs per configuration.")] = 20) -> None:
-    """Spread the NanoDet-g detector over every executor library found; check and time it."""
-    from hetero.demo import tour
+OUT = Path("out")
 
-    inventory = hetero.devices()
-    console.print(str(inventory))
+
+@app.command()
+def demo(frames: Annotated[int | None, typer.Option(help="Only the first N frames (default: all).")] = None,
+         out: Annotated[Path, typer.Option(help="Folder for the annotated video and contact sheet.")] = OUT,
+         video: Annotated[Path | None, typer.Option(help="Video file (default: samples/vtest.avi).")] = None,
+         tour: Annotated[bool, typer.Option("--tour", help="The placement tour instead: NanoDet-g spread "
+                                            "over every library, checked and timed.")] = False,
+         repeats: Annotated[int, typer.Option(help="Tour: timed runs per configuration.")] = 20) -> None:
+    """Traffic camera: count pedestrians and vehicles in a video on every device at once."""
+    console.print(str(hetero.devices()))
     try:
-        tour(repeats=repeats, say=console.print, show_plan=_print_plan)
+        if tour:
+            from hetero.apps.tour import tour as run_tour
+
+            run_tour(repeats=repeats, say=console.print, show_plan=_print_plan)
+        else:
+            _traffic(video, frames, out)
+    except (hetero.HeteroError, ImportError) as exc:
+        _fail(exc)
+
+
+def _traffic(video: Path | None, frames: int | None, out: Path) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from hetero.apps import traffic
+    from hetero.apps.detection import detector_model
+
+    video = video or traffic.VIDEO
+    count, width, height, _ = traffic.probe(video)
+    total = count if frames is None else min(count, frames)
+    with console.status(f"compiling the detection pipeline for {width}x{height} frames on every device"):
+        pool = hetero.ReplicaPool.build(detector_model(height, width))
+    _print_plan(pool.plan)
+    columns = (TextColumn("detecting"), BarColumn(), MofNCompleteColumn(), TextColumn("frames"),
+               TimeRemainingColumn())
+    with pool, Progress(*columns, console=console) as progress:
+        task = progress.add_task("frames", total=total)
+        report = traffic.run(video, total, out, pool=pool, on_frame=lambda _: progress.advance(task))
+    speed = Table("replica", "frames", "busy s", "frames/s", title=f"{len(report.counts)} frames in "
+                  f"{report.seconds:.1f} s: {len(report.counts) / report.seconds:.1f} frames/s overall")
+    for replica in report.replicas:
+        speed.add_row(replica.name, str(replica.frames), f"{replica.busy_seconds:.1f}",
+                      f"{replica.frames_per_second:.1f}")
+    console.print(speed)
+    step = max(1, -(-len(report.counts) // 20))
+    table = Table("frame", "pedestrians", "vehicles",
+                  title=f"counts every {step} frame(s); vehicles: {', '.join(sorted(traffic.VEHICLES))}")
+    for index in range(0, len(report.counts), step):
+        table.add_row(str(index), *(str(report.counts[index][k]) for k in ("pedestrian", "vehicle")))
+    for kind, how in (("total", sum), ("max per frame", max)):
+        table.add_row(kind, *(str(how(c[k] for c in report.counts)) for k in ("pedestrian", "vehicle")),
+                      style="bold")
+    console.print(table)
+    console.print(f"wrote {report.video} and {report.sheet}")
+
+
+@app.command()
+def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REPO/<model>/<N>/model.onnx.")],
+          host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+          port: Annotated[int, typer.Option(help="HTTP/REST port.")] = 8000,
+          grpc_port: Annotated[int, typer.Option(help="gRPC port.")] = 8001,
+          api_key: Annotated[str | None, typer.Option(
+              envvar="HETERO_API_KEY", help="Key every call but health and metrics must carry.")] = None,
+          max_request_mb: Annotated[float, typer.Option(help="Largest request body, MiB.")] = 64.0,
+          log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info") -> None:
+    """Serve a model repository over KServe v2 (HTTP and gRPC) until SIGTERM or Ctrl-C."""
+    try:
+        from hetero.serve import Server, logs
+    except ImportError as exc:
+        _fail(RuntimeError(f"hetero serve needs its extra: pip install 'hetero[serve]' ({exc.name} missing)"))
+    logs.configure(log_level)
+    try:
+        Server(repository, host=host, http_port=port, grpc_port=grpc_port, api_key=api_key,
+               max_request_bytes=int(max_request_mb * (1 << 20))).serve_forever()
+    except (hetero.HeteroError, OSError) as exc:
+        _fail(exc)
+
+
+@app.command()
+def bench(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+          executors: ExecutorsOption = None, policy: PolicyOption = "priority",
+          batch: Annotated[int | None, typer.Option(help="Value of a symbolic batch dimension.")] = None,
+          duration: Annotated[float, typer.Option(help="Seconds per measurement.")] = 10.0,
+          concurrency: Annotated[int, typer.Option(help="Clients sending requests at once.")] = 1,
+          compare: Annotated[bool, typer.Option(
+              help="Also run the native baselines in this process: OpenVINO THROUGHPUT hint, ONNX Runtime "
+              "sessions, torch.")] = False) -> None:
+    """Measure inferences/s and latency percentiles under load, optionally against native libraries."""
+    try:
+        loaded = hetero.load(model)
+        dims = {str(i.shape[0]): batch for i in loaded.inputs
+                if batch and i.shape and isinstance(i.shape[0], str)}
+        if batch and not dims and any(i.shape and i.shape[0] != batch for i in loaded.inputs):
+            raise hetero.InputError(f"model {loaded.label!r} has a static batch dimension; "
+                                    "--batch cannot change it")
+        feeds = example_feeds(loaded, dims=dims)
+        with _progress("profiling") as progress:
+            runner = hetero.compile(loaded, _executors(executors), policy, progress=progress)
     except hetero.HeteroError as exc:
         _fail(exc)
+    rows = int(next(iter(feeds.values())).shape[0]) if feeds and next(iter(feeds.values())).ndim else 1
+    results = [_measure(f"hetero {policy}", lambda: runner.run(feeds), duration, concurrency)]
+    if compare:
+        results += _baselines(loaded, feeds, duration, concurrency)
+    table = Table("runner", "inferences/s", "p50 ms", "p90 ms", "p99 ms", "busy", "hetero / runner",
+                  title=f"{loaded.label}: batch {rows}, concurrency {concurrency}, {duration:g} s each, fp32")
+    for result in results:
+        busy = ", ".join(f"{r} {b:.0%}" for r, b in sorted(result.busy.items())) or "-"
+        table.add_row(result.name, f"{result.rate * rows:.1f}", *(f"{result.percentile_ms(q):.2f}" for q in
+                      (50, 90, 99)), busy, f"{results[0].rate / result.rate:.2f}" if result.rate else "-")
+    console.print(table)
+    runner.close()
+
+
+def _measure(name: str, call: Callable[[], object], duration: float, concurrency: int) -> BenchResult:
+    columns = (TextColumn(name), BarColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task(name, total=1.0)
+        return run_load(name, call, duration=duration, concurrency=concurrency,
+                        progress=lambda done: bar.update(task, completed=done))
+
+
+def _baselines(model: hetero.Model, feeds: dict, duration: float, concurrency: int) -> list[BenchResult]:
+    results = []
+    found = {e.library for e in hetero.executors.available()}
+    if "openvino" in found:
+        with console.status("openvino THROUGHPUT hint"):
+            results.append(native.openvino_throughput(model.proto, feeds, duration))
+    if "onnxruntime" in found:
+        name, call, clients = native.onnxruntime_sessions(model.proto)
+        results.append(_measure(name, lambda: call(feeds), duration, max(concurrency, clients)))
+    if "torch" in found:
+        torch_session = hetero.compile(model, ["torch", "numpy"])
+        results.append(_measure("torch eager (node by node, numpy fallback)",
+                                lambda: torch_session.run(feeds), duration, concurrency))
+    return results
 
 
 def _feeds(model: hetero.Model, files: dict[str, str], dims: dict[str, str]) -> dict[str, np.ndarray]:

@@ -1,8 +1,8 @@
 """The ONNX backend test suite (node and small-model cases) against Hetero.
 
-Runs once per configuration: the default executors, and each installed executor first in
-priority order (numpy last as the exact fallback). A configuration can be picked with
-HETERO_SUITE=default|onnxruntime|openvino|torch|opencl|numpy.
+Runs once per configuration of `hetero.backend.suite_configurations()`: the default executors,
+each installed executor first in priority order (numpy last as the exact fallback), and the host
+twin of the CUDA interpreter. Pick some with HETERO_SUITE=default,onnxruntime,...
 """
 
 import os
@@ -11,15 +11,11 @@ import onnx.backend.test
 import pytest
 
 import hetero.backend
-from hetero import executors
 
 
-def _configurations() -> dict[str, list[str] | None]:
-    installed = [lib.library for lib in executors.libraries() if lib.executors]
-    configs: dict[str, list[str] | None] = {"default": None}
-    for library in installed:
-        configs[library] = [library] + [lib for lib in installed if lib != library]
+def _configurations() -> dict[str, list | None]:
     only = os.environ.get("HETERO_SUITE")
+    configs = hetero.backend.suite_configurations()
     return {k: v for k, v in configs.items() if not only or k in only.split(",")}
 
 

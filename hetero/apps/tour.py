@@ -16,10 +16,9 @@ import numpy as np
 
 import hetero
 from hetero import executors
+from hetero.apps.detection import NANODET
 from hetero.graph import example_feeds
 from hetero.planner import Capability
-
-NANODET = Path(__file__).resolve().parent.parent / "models" / "nanodet-g-coco.onnx"
 
 
 def spread_affinity(model: hetero.Model, libraries: list[executors.Executor]) -> dict[str, str]:

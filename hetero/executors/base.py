@@ -141,6 +141,11 @@ class Executor(ABC):
         """This executor's device array -> host numpy array (identity on the host)."""
         return value
 
+    def copy_from(self, value: Any, source: Executor) -> Any | None:
+        """`value` from another device's memory straight into this one's (GPU to GPU), or None to
+        go through host memory."""
+        return None
+
     def synchronize(self) -> None:  # noqa: B027 - a no-op on the host, devices override it
         """Wait until work queued on the device is done (for timing)."""
 

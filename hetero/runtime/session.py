@@ -91,8 +91,13 @@ class _Values:
                 return held[space][1]
             owner, value = held.get(HOST) or next(iter(held.values()))
         start = time.perf_counter()
-        host = value if owner is None or owner.memory_space == HOST else owner.to_host(value)
-        moved = host if target is None or space == HOST else target.to_device(host)
+        direct = None
+        if owner is not None and target is not None and HOST not in (owner.memory_space, space):
+            direct = target.copy_from(value, owner)
+        on_host = direct is not None or owner is None or owner.memory_space == HOST
+        host = value if on_host else owner.to_host(value)
+        moved = direct if direct is not None else (
+            host if target is None or space == HOST else target.to_device(host))
         if self.trace is not None:
             source = held_space(owner)
             self.trace.record(f"{name} {source} -> {space}", "transfer", space if target else source,
