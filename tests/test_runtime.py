@@ -99,27 +99,26 @@ def _rate_pool(seconds: list[float], requests: int, in_flight: int = 16):
     sessions = [hetero.compile(small_cnn(), [StubExecutor(20 + i, seconds_per_call=s)])
                 for i, s in enumerate(seconds)]
     pool = hetero.ReplicaPool(sessions, max_in_flight=in_flight)
-    pool.warm_up(repeats=2)
+    pool.warm_up(repeats=3)
+    alone = [1 / r.seconds_per_request for r in pool.replicas]
     feeds = example_feeds(sessions[0].model)
     start = time.perf_counter()
     for _ in pool.map(feeds for _ in range(requests)):
         pass
     rate = requests / (time.perf_counter() - start)
     pool.close()
-    return rate, pool
+    return rate, pool, alone
 
 
 def test_replicas_of_speeds_one_and_three_add_up():
-    slow, fast = 0.06, 0.02
-    rate, pool = _rate_pool([slow, fast], 120)
-    ideal = 1 / slow + 1 / fast
-    assert rate >= 0.95 * ideal * 0.97, (rate, ideal)  # 3% for the stubs' own numpy work
+    rate, pool, alone = _rate_pool([0.06, 0.02], 120)
+    assert rate >= 0.95 * sum(alone), (rate, alone)  # each replica's rate alone, stub work included
     assert all(r.served > 0 for r in pool.replicas)
 
 
 def test_a_very_slow_replica_never_lowers_the_total():
-    alone, _ = _rate_pool([0.02], 60)
-    together, _ = _rate_pool([0.2, 0.02], 60)
+    alone, _, _ = _rate_pool([0.02], 60)
+    together, _, _ = _rate_pool([0.2, 0.02], 60)
     assert together >= 0.97 * alone, (together, alone)
 
 
