@@ -1,6 +1,7 @@
 """The `hetero` command line, driven through typer's runner."""
 
 import json
+import shutil
 
 import onnx
 import pytest
@@ -30,6 +31,7 @@ def test_devices_lists_executors_and_missing_extras():
     assert "numpy@cpu" in output and "onnxruntime@cpu" in output
 
 
+@pytest.mark.skipif(shutil.which("dot") is None, reason="Graphviz's dot is not installed")
 def test_plan_prints_partitions_and_draws(model_file, tmp_path):
     code, output = _invoke("plan", model_file, "-e", "onnxruntime,numpy", "-p", "manual", "-a", "Relu=numpy",
                            "--svg", tmp_path / "plan.svg")
