@@ -226,3 +226,20 @@ def detector_head(batch: int = 1, channels: int = 32, size: int = 16, classes: i
 MODELS = {"resnet50": resnet50, "mobilenet_v2": mobilenet_v2, "bert_encoder": bert_encoder,
           "small_cnn": small_cnn, "small_transformer": small_transformer, "detector_head": detector_head}
 
+
+
+def with_dynamic_batch(model: onnx.ModelProto, dim: str = "batch") -> onnx.ModelProto:
+    """A copy whose inputs and outputs have a symbolic dim 0, so a server can batch requests.
+
+    Intermediate shapes are dropped and inferred again. Only valid when no node bakes the batch
+    size in (a Reshape to a constant [1, ...] shape, say); run the copy at two batch sizes to check.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for value in [*copy.graph.input, *copy.graph.output]:
+        shape = value.type.tensor_type.shape
+        if shape.dim:
+            shape.dim[0].Clear()
+            shape.dim[0].dim_param = dim
+    del copy.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(copy)

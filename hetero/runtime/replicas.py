@@ -3,8 +3,9 @@
 Each replica is a `Session` of its own (on a GPU, an OpenCL device, or a CPU stream: a slice of
 the cores with its own thread budget, as OpenVINO's streams are). Requests wait in one queue;
 an idle replica takes a request only if no faster replica would finish it sooner, judged from
-each replica's measured time per request and what it is busy with. So replicas of different
-speeds add up, and a slow one never holds back work a fast one would have done first.
+each replica's measured time per request (scaled by input bytes, so a server's batches of any
+size compare) and what it is busy with. So replicas of different speeds add up, and a slow one
+never holds back work a fast one would have done first.
 """
 
 from __future__ import annotations
@@ -36,17 +37,18 @@ class Replica:
 
     session: Session
     name: str
-    seconds_per_request: float | None = None
+    seconds_per_request: float | None = None  # for a request of the pool's reference size
     served: int = 0
     failed: int = 0
     busy_seconds: float = 0.0
     running_since: float | None = None
+    running_size: float = 1.0
     thread: threading.Thread | None = field(default=None, repr=False)
 
     def remaining(self, now: float) -> float:
         if self.running_since is None:
             return 0.0
-        return max(0.0, (self.seconds_per_request or 0.0) - (now - self.running_since))
+        return max(0.0, (self.seconds_per_request or 0.0) * self.running_size - (now - self.running_since))
 
 
 @dataclass(eq=False)
@@ -54,6 +56,7 @@ class _Job:
     arrays: dict[str, Any]
     wanted: list[str]
     future: Future
+    size: float = 1.0  # input bytes relative to the pool's reference request
     excluded: set[int] = field(default_factory=set)
 
 
@@ -72,6 +75,7 @@ class ReplicaPool(Requests):
         self._queue: deque[_Job] = deque()
         self._cond = threading.Condition()
         self._closing = False
+        self._reference_bytes = 0
         for index, replica in enumerate(self.replicas):
             replica.thread = threading.Thread(target=self._serve, args=(index,), daemon=True,
                                               name=f"hetero-replica-{replica.name}")
@@ -108,13 +112,18 @@ class ReplicaPool(Requests):
                 names.append(_describe(sessions[-1]))
         pool = cls(sessions, names=names, max_in_flight=max_in_flight)
         if warmup:
-            pool.warm_up()
+            try:
+                pool.warm_up()
+            except BaseException:
+                pool.close(wait=False)  # else its replica threads wait forever
+                raise
         return pool
 
     def warm_up(self, feeds: Feeds | None = None, repeats: int = 3) -> None:
         """Measure each replica's time per request (one at a time, so they do not disturb each
         other); models with symbolic input dims need `feeds`."""
         feeds = feeds if feeds is not None else example_feeds(self.model)
+        self._reference_bytes = _nbytes(feeds)
         for replica in self.replicas:
             replica.session.run(feeds)
             times = []
@@ -145,7 +154,9 @@ class ReplicaPool(Requests):
         if not self._slots.acquire(block, timeout if block else None):
             raise QueueFullError(f"model {self.model.label!r}: {self.max_in_flight} requests already in "
                                  "flight; try again later")
-        job = _Job(arrays, wanted, Future())
+        nbytes = _nbytes(arrays)
+        self._reference_bytes = self._reference_bytes or nbytes
+        job = _Job(arrays, wanted, Future(), nbytes / self._reference_bytes if nbytes else 1.0)
         with self._cond:
             self._queue.append(job)
             self._cond.notify_all()
@@ -171,14 +182,19 @@ class ReplicaPool(Requests):
                         return
                     self._cond.wait()
                     job = self._take(index)
-                replica.running_since = time.perf_counter()
+                replica.running_since, replica.running_size = time.perf_counter(), job.size
             self._execute(index, job)
 
     def _take(self, index: int) -> _Job | None:
-        """The next job for replica `index`, if no faster replica would finish it sooner."""
+        """The next job for replica `index`, if no faster replica would finish it sooner.
+
+        Times scale with the job's size, so batches of different sizes (a server's dynamic
+        batching) compare with what each replica measured.
+        """
         eligible = [job for job in self._queue if index not in job.excluded]
         if not eligible:
             return None
+        size = eligible[0].size
         mine = self.replicas[index].seconds_per_request
         if mine is not None:
             now = time.perf_counter()
@@ -187,7 +203,7 @@ class ReplicaPool(Requests):
                 theirs = other.seconds_per_request
                 if other_index == index or not theirs or not other.thread or not other.thread.is_alive():
                     continue
-                sooner += max(0, int((mine - other.remaining(now)) / theirs * (1 - 1e-9)))
+                sooner += max(0, int((mine * size - other.remaining(now)) / (theirs * size) * (1 - 1e-9)))
             if len(eligible) <= sooner:
                 return None
         job = eligible[0]
@@ -214,15 +230,19 @@ class ReplicaPool(Requests):
             return
         elapsed = time.perf_counter() - start
         with self._cond:
-            previous = replica.seconds_per_request
-            replica.seconds_per_request = elapsed if previous is None else (
-                (1 - _SMOOTHING) * previous + _SMOOTHING * elapsed)
+            previous, scaled = replica.seconds_per_request, elapsed / job.size
+            replica.seconds_per_request = scaled if previous is None else (
+                (1 - _SMOOTHING) * previous + _SMOOTHING * scaled)
             replica.served += 1
             replica.busy_seconds += elapsed
             replica.running_since = None
             self._cond.notify_all()
         self._slots.release()
         job.future.set_result(result)
+
+
+def _nbytes(arrays: Feeds) -> int:
+    return sum(int(getattr(a, "nbytes", 0)) for a in arrays.values())
 
 
 def _describe(session: Session) -> str:

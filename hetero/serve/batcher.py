@@ -1,0 +1,160 @@
+"""Dynamic batching: concurrent requests to one model merged along dim 0 and run as one.
+
+Requests wait in one bounded queue. A dispatcher thread forms a batch whenever a replica is
+free: the oldest request and the later ones with the same non-batch dims, up to the maximum
+batch size. It sends the batch at once when it is full or reaches a preferred size, else when
+the oldest request has waited the queue delay. At most one batch per replica is in flight, so
+while every replica is busy the queue grows into bigger batches instead of piling up behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hetero.errors import QueueFullError, RunError
+from hetero.runtime import ReplicaPool
+from hetero.serve.protocol import ServeError
+
+BatchObserver = Callable[[int, Sequence[float]], None]  # (batch rows, each request's queue seconds)
+
+
+@dataclass(eq=False)
+class _Request:
+    arrays: dict[str, np.ndarray]
+    outputs: list[str]
+    rows: int
+    key: tuple
+    future: Future = field(default_factory=Future)
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+class Batcher:
+    """Requests to one ReplicaPool, merged when `max_batch_size` > 0 (each run alone when 0)."""
+
+    def __init__(self, pool: ReplicaPool, label: str, *, max_batch_size: int = 0, delay_s: float = 0.0,
+                 preferred: Sequence[int] = (), max_queue_size: int = 128,
+                 observe: BatchObserver | None = None):
+        self.pool = pool
+        self.label = label
+        self.max_batch_size = max_batch_size
+        self.delay_s = delay_s
+        self.preferred = frozenset(preferred)
+        self.max_queue_size = max_queue_size
+        self._observe = observe
+        self._pending: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._slots = threading.Semaphore(len(pool.replicas))
+        self._closing = False
+        self._thread = threading.Thread(target=self._dispatch_loop, daemon=True,
+                                        name=f"hetero-batcher-{label}")
+        self._thread.start()
+
+    def submit(self, arrays: dict[str, np.ndarray], outputs: Sequence[str]) -> Future:
+        """Queue one request (arrays already checked); the Future gives its outputs."""
+        rows = len(next(iter(arrays.values()))) if self.max_batch_size and arrays else 1
+        key = tuple((name, a.dtype.str, a.shape[1:]) for name, a in arrays.items())
+        request = _Request(arrays, list(outputs), rows, key)
+        with self._cond:
+            if self._closing:
+                raise ServeError(f"model {self.label!r} is unloading", 503)
+            if len(self._pending) >= self.max_queue_size:
+                raise QueueFullError(f"model {self.label!r}: {self.max_queue_size} requests already queued "
+                                     "(max_queue_size); try again later")
+            self._pending.append(request)
+            self._cond.notify()
+        return request.future
+
+    def close(self) -> None:
+        """Refuse new requests, run every queued one, wait for the batches in flight, stop."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join()
+        self.pool.close(wait=True)
+
+    def _dispatch_loop(self) -> None:
+        while True:
+            self._slots.acquire()
+            with self._cond:
+                batch = self._next_batch()
+            if batch is None:
+                return
+            self._run(batch)
+
+    def _next_batch(self) -> list[_Request] | None:
+        """Wait (holding the condition) until a batch is due; None once closing and drained."""
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return None
+                self._cond.wait()
+                continue
+            if not self.max_batch_size:
+                return [self._pending.popleft()]
+            group, sizes = self._group()
+            due = self._pending[0].arrived + self.delay_s - time.perf_counter()
+            if sizes[-1] < self.max_batch_size and not self._closing and due > 0:
+                preferred = [i for i, size in enumerate(sizes) if size in self.preferred]
+                if not preferred:
+                    self._cond.wait(due)
+                    continue
+                group = group[:preferred[-1] + 1]
+            for request in group:
+                self._pending.remove(request)
+            return group
+
+    def _group(self) -> tuple[list[_Request], list[int]]:
+        """The oldest request and the later ones that fit with it, with the running batch size."""
+        first = self._pending[0]
+        group, sizes = [first], [first.rows]
+        for request in itertools.islice(self._pending, 1, None):
+            if request.key == first.key and sizes[-1] + request.rows <= self.max_batch_size:
+                group.append(request)
+                sizes.append(sizes[-1] + request.rows)
+        return group, sizes
+
+    def _run(self, batch: list[_Request]) -> None:
+        start = time.perf_counter()
+        if self._observe is not None:
+            self._observe(sum(r.rows for r in batch), [start - r.arrived for r in batch])
+        outputs = list(dict.fromkeys(itertools.chain.from_iterable(r.outputs for r in batch)))
+        arrays = batch[0].arrays if len(batch) == 1 else {
+            name: np.concatenate([r.arrays[name] for r in batch]) for name in batch[0].arrays}
+        try:
+            future = self.pool.submit(arrays, outputs)
+        except Exception as exc:
+            self._slots.release()
+            for request in batch:
+                request.future.set_exception(exc)
+            return
+        future.add_done_callback(lambda done: self._finish(batch, done))
+
+    def _finish(self, batch: list[_Request], done: Future) -> None:
+        self._slots.release()
+        error = done.exception()
+        if error is None and len(batch) > 1:
+            results = done.result()
+            rows = sum(r.rows for r in batch)
+            wrong = [name for name, value in results.items() if np.ndim(value) == 0 or len(value) != rows]
+            if wrong:
+                error = RunError(f"model {self.label!r}: output {wrong[0]!r} has no batch dim of {rows} "
+                                 "rows; this model cannot be batched (set max_batch_size: 0)")
+        if error is not None:
+            for request in batch:
+                request.future.set_exception(error)
+            return
+        results = done.result()
+        start = 0
+        for request in batch:
+            stop = start + request.rows
+            request.future.set_result({name: results[name][start:stop] if len(batch) > 1 else results[name]
+                                       for name in request.outputs})
+            start = stop

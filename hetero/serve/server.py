@@ -1,0 +1,179 @@
+"""One process serving a model repository over HTTP/REST and gRPC, on one asyncio event loop.
+
+The loop runs in a thread of its own, so the caller (the CLI's main thread, a test) keeps its
+signals and can stop the server from outside. Stopping is graceful: both listeners stop taking
+new requests, the requests in flight finish, then every model finishes its queue and unloads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+import socket
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from concurrent.futures import Future
+from pathlib import Path
+
+import grpc
+import numpy as np
+import uvicorn
+from tritonclient.grpc import service_pb2_grpc
+
+import hetero
+from hetero.serve.grpc_api import InferenceService
+from hetero.serve.http_api import build_app
+from hetero.serve.metrics import Metrics
+from hetero.serve.protocol import InferInput, ServeError, http_status
+from hetero.serve.repository import Repository, ServedModel
+
+log = logging.getLogger("hetero.serve")
+
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration"]
+MiB = 1 << 20
+
+
+class Server:
+    """A KServe v2 / Open Inference Protocol server for the models under `repository`.
+
+    Ports may be 0 (any free port); `http_port` and `grpc_port` hold the bound ones after `start`.
+    With `api_key`, every call but health and metrics needs `Authorization: Bearer KEY` or
+    `api-key: KEY` (HTTP header or gRPC metadata).
+    """
+
+    def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000,
+                 grpc_port: int = 8001, api_key: str | None = None, max_request_bytes: int = 64 * MiB,
+                 body_timeout_s: float = 30.0, shutdown_timeout_s: float = 30.0):
+        self.metrics = Metrics()
+        self.repository = Repository(repository, self.metrics)
+        self.host, self.http_port, self.grpc_port = host, http_port, grpc_port
+        self.api_key = api_key or None
+        self.max_request_bytes = max_request_bytes
+        self.body_timeout_s = body_timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.ready = False
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+
+    def __enter__(self) -> Server:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Server:
+        """Load every model in the repository, then listen; returns once both listeners are up."""
+        self.repository.load_all()
+        started: Future = Future()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._main(started)), name="hetero-serve")
+        self._thread.start()
+        try:
+            started.result()
+        except BaseException:
+            self._thread.join()
+            self.repository.close()
+            raise
+        log.info("serving", extra={"fields": {"http": f"{self.host}:{self.http_port}",
+                                              "grpc": f"{self.host}:{self.grpc_port}",
+                                              "models": [m.label for m in self.repository.ready()]}})
+        return self
+
+    def stop(self) -> None:
+        """Stop listening, finish the requests in flight and queued, unload every model. Thread-safe."""
+        thread, self._thread = self._thread, None
+        if thread is None or self._loop is None or self._stop is None:
+            return
+        self._loop.call_soon_threadsafe(self._stop.set)
+        thread.join()
+        self.repository.close()
+        log.info("stopped")
+
+    def serve_forever(self) -> None:
+        """Start, serve until SIGTERM or SIGINT, then stop gracefully."""
+        stopping = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stopping.set())
+        self.start()
+        while not stopping.wait(0.5):
+            pass
+        log.info("stopping on signal")
+        self.stop()
+
+    async def _main(self, started: Future) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        rpc = None
+        try:
+            rpc = grpc.aio.server(options=[("grpc.max_receive_message_length", self.max_request_bytes),
+                                           ("grpc.max_send_message_length", -1)])
+            service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self), rpc)
+            try:
+                self.grpc_port = rpc.add_insecure_port(f"{self.host}:{self.grpc_port}")
+            except RuntimeError as exc:
+                raise OSError(f"cannot listen for gRPC on {self.host}:{self.grpc_port}: {exc}") from None
+            try:
+                sock = socket.create_server((self.host, self.http_port), family=socket.AF_INET6
+                                            if ":" in self.host else socket.AF_INET)
+            except OSError as exc:
+                raise OSError(f"cannot listen for HTTP on {self.host}:{self.http_port}: {exc}") from None
+            self.http_port = sock.getsockname()[1]
+            config = uvicorn.Config(build_app(self), log_config=None, access_log=False, lifespan="off",
+                                    timeout_graceful_shutdown=self.shutdown_timeout_s)
+            http = uvicorn.Server(config)
+            await rpc.start()
+            serving = asyncio.create_task(http.serve(sockets=[sock]))
+            while not http.started and not serving.done():
+                await asyncio.sleep(0.01)
+            if serving.done():
+                raise RuntimeError(f"the HTTP listener on {self.host}:{self.http_port} did not start")
+        except BaseException as exc:
+            if rpc is not None:
+                await rpc.stop(None)
+            started.set_exception(exc)
+            return
+        self.ready = True
+        started.set_result(None)
+        await self._stop.wait()
+        self.ready = False
+        http.should_exit = True
+        await asyncio.gather(serving, rpc.stop(self.shutdown_timeout_s))
+
+    def authorize(self, headers: Mapping[str, str]) -> None:
+        """Raise a 401 unless the headers (lower-case names) carry the API key, when one is set."""
+        if self.api_key is None:
+            return
+        bearer = headers.get("authorization", "")
+        given = bearer[7:] if bearer[:7].lower() == "bearer " else headers.get("api-key", "")
+        if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            raise ServeError("missing or wrong API key: send 'Authorization: Bearer KEY' or 'api-key: KEY'",
+                             401)
+
+    def metadata(self) -> dict:
+        return {"name": "hetero", "version": hetero.__version__, "extensions": EXTENSIONS}
+
+    async def infer(self, protocol: str, name: str, version: str, inputs: Sequence[InferInput],
+                    outputs: Sequence[str] | None) -> tuple[ServedModel, dict[str, np.ndarray]]:
+        """Run one request on a served model; counts it and logs one line, whatever the outcome."""
+        start = time.perf_counter()
+        served: ServedModel | None = None
+        error: BaseException | None = None
+        try:
+            served = self.repository.get(name, version)
+            return served, await asyncio.wrap_future(served.infer(inputs, outputs))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            seconds = time.perf_counter() - start
+            if served is not None:
+                self.metrics.request(served.name, served.version, seconds, error is None)
+            fields = {"protocol": protocol, "model": name, "version": served.version if served else version,
+                      "status": 200 if error is None else http_status(error),
+                      "latency_ms": round(seconds * 1e3, 3)}
+            if error is not None:
+                fields["error"] = str(error)
+            log.info("infer", extra={"fields": fields})
