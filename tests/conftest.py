@@ -51,12 +51,14 @@ class StubExecutor(Executor):
     accelerator = True
 
     def __init__(self, index: int = 0, ops: set[str] | None = None, *, compile_fail_ops: Sequence[str] = (),
-                 run_fail_ops: Sequence[str] = (), seconds_per_call: float = 0.0):
+                 run_fail_ops: Sequence[str] = (), seconds_per_call: float = 0.0,
+                 seconds_per_transfer: float = 0.0):
         super().__init__(Device("stub", index))
         self.ops = ops
         self.compile_fail_ops = set(compile_fail_ops)
         self.run_fail_ops = set(run_fail_ops)
         self.seconds_per_call = seconds_per_call
+        self.seconds_per_transfer = seconds_per_transfer
         self.calls = 0
         self.compiles = 0
         self.last_node = ""
@@ -82,6 +84,7 @@ class StubExecutor(Executor):
         return _StubPartition(self._numpy.compile(part), self, [n.op_type for n in part.graph.node])
 
     def to_device(self, array: np.ndarray) -> DeviceArray:
+        time.sleep(self.seconds_per_transfer)
         return DeviceArray(np.array(array), str(self.device))
 
     def to_host(self, value: DeviceArray) -> np.ndarray:

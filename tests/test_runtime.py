@@ -56,6 +56,23 @@ def test_pipeline_overlaps_stages_on_two_devices():
     assert elapsed < 0.75 * sequential, (elapsed, sequential)
 
 
+def test_transfers_overlap_compute():
+    """Stage two's input crosses a slow link: prefetched on the link's own worker, the copy of
+    request i overlaps stage two computing request i-1, so the link does not add to its time."""
+    first = StubExecutor(16, ops={"Conv", "Relu", "MaxPool", "Add"}, seconds_per_call=0.02)
+    second = StubExecutor(17, seconds_per_call=0.02, seconds_per_transfer=0.03)
+    session = hetero.compile(small_cnn(), [first, second], max_in_flight=8)
+    assert [p.executor for p in session.plan.partitions] == [first, second]
+    requests = _feeds(session.model, 12)
+    list(session.map(requests[:2]))
+    start = time.perf_counter()
+    results = list(session.map(requests))
+    elapsed = time.perf_counter() - start
+    assert elapsed < 12 * (0.02 + 0.03) * 0.8, elapsed  # serialised link + compute would take 0.6 s
+    want = hetero.compile(small_cnn(), ["numpy"]).run(requests[-1])["logits"]
+    np.testing.assert_allclose(results[-1]["logits"], want, rtol=1e-5, atol=1e-6)
+
+
 def test_independent_partitions_on_two_devices_run_at_once():
     """The detector head's two output branches on two devices: one request's branches overlap."""
     left, right = StubExecutor(12, seconds_per_call=0.05), StubExecutor(13, seconds_per_call=0.05)

@@ -15,6 +15,7 @@ on another device. At most `max_in_flight` requests are in flight; `submit` bloc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from abc import ABC, abstractmethod
@@ -79,35 +80,47 @@ class _Values:
         self._left = dict(uses)
         self._keep = keep
         self._lock = threading.Lock()
+        self._moving: dict[tuple[str, str], threading.Event] = {}
         self.transfers = 0
         self.transfer_bytes = 0
 
     def fetch(self, name: str, target: Executor | None) -> Any:
-        """`name` in the target's memory space (None: host), moving it there once if needed."""
+        """`name` in the target's memory space (None: host), moving it there once if needed; a
+        fetch that finds the same move under way (a prefetch) waits for it instead."""
         space = HOST if target is None else target.memory_space
         with self._lock:
             held = self._held[name]
             if space in held:
                 return held[space][1]
-            owner, value = held.get(HOST) or next(iter(held.values()))
+            moving = self._moving.get((name, space))
+            if moving is None:
+                self._moving[name, space] = threading.Event()
+                owner, value = held.get(HOST) or next(iter(held.values()))
+        if moving is not None:
+            moving.wait()
+            with self._lock:
+                return self._held[name][space][1]
         start = time.perf_counter()
-        direct = None
-        if owner is not None and target is not None and HOST not in (owner.memory_space, space):
-            direct = target.copy_from(value, owner)
-        on_host = direct is not None or owner is None or owner.memory_space == HOST
-        host = value if on_host else owner.to_host(value)
-        moved = direct if direct is not None else (
-            host if target is None or space == HOST else target.to_device(host))
-        if self.trace is not None:
-            source = held_space(owner)
-            self.trace.record(f"{name} {source} -> {space}", "transfer", space if target else source,
-                              "transfer", start, time.perf_counter(), self.request)
-        with self._lock:
-            if space not in held:
+        try:
+            direct = None
+            if owner is not None and target is not None and HOST not in (owner.memory_space, space):
+                direct = target.copy_from(value, owner)
+            on_host = direct is not None or owner is None or owner.memory_space == HOST
+            host = value if on_host else owner.to_host(value)
+            moved = direct if direct is not None else (
+                host if target is None or space == HOST else target.to_device(host))
+            if self.trace is not None:
+                source = held_space(owner)
+                self.trace.record(f"{name} {source} -> {space}", "transfer", f"link {source} -> {space}",
+                                  "transfer", start, time.perf_counter(), self.request)
+            with self._lock:
                 held[space] = (target, moved)
                 self.transfers += 1
                 self.transfer_bytes += int(getattr(host, "nbytes", 0))
-            return held[space][1]
+                return moved
+        finally:
+            with self._lock:
+                self._moving.pop((name, space)).set()
 
     def put(self, executor: Executor, names: Sequence[str], outputs: Sequence[Any]) -> None:
         with self._lock:
@@ -165,6 +178,18 @@ class _Program:
         values.put(step.executor, step.compiled.output_names, outputs)
         values.consumed(step.compiled.input_names)
 
+    def _prefetch(self, step: _Step, values: _Values) -> None:
+        """Start moving the step's outputs to the other memory spaces that will read them, on the
+        link's own worker, so the copy overlaps whatever the devices compute meanwhile."""
+        produced = set(step.compiled.output_names)
+        for index in step.dependents:
+            reader = self.steps[index]
+            if reader.executor.memory_space == step.executor.memory_space:
+                continue
+            for name in produced.intersection(reader.compiled.input_names):
+                link = resource(f"link {step.executor.memory_space} -> {reader.executor.memory_space}")
+                link.post(lambda name=name, target=reader.executor: _quietly(values.fetch, name, target))
+
     def _collect(self, values: _Values, wanted: Sequence[str]) -> dict[str, Any]:
         result = {}
         for name in wanted:
@@ -204,6 +229,7 @@ class _Program:
                 state["finished"] += 1
                 ready = [d for d in step.dependents if _decrement(waiting, d) == 0]
                 complete = state["finished"] == len(self.steps)
+            self._prefetch(step, values)
             for index in ready:
                 post(self.steps[index])
             if complete:
@@ -225,6 +251,13 @@ class _Program:
             finish()
         for step in starts:
             post(step)
+
+
+def _quietly(fetch: Callable[[str, Executor], Any], name: str, target: Executor) -> None:
+    """A prefetch that fails leaves the value where it was: the reader's own fetch then moves it
+    and reports the error inside its partition."""
+    with contextlib.suppress(Exception):
+        fetch(name, target)
 
 
 def _decrement(counts: dict[int, int], key: int) -> int:
