@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import platform
 from dataclasses import dataclass
 
 from hetero import executors as executor_registry
-from hetero.executors import ExecutorInfo, Library
+from hetero.executors import ExecutorInfo, Library, default_threads
 
 
 @dataclass(frozen=True)
@@ -38,12 +40,21 @@ class Inventory:
         return "\n".join(lines)
 
 
+def cpu_name() -> str:
+    """The host CPU's model name and the cores this process may use."""
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as file:
+        models = [line.split(":", 1)[1].strip() for line in file if line.startswith("model name")]
+        name = models[0] if models else name
+    return f"{name}, {default_threads()} cores"
+
+
 def devices(refresh: bool = False) -> Inventory:
     """Devices with their executors and library versions; missing libraries name their pip extra."""
     libs = executor_registry.libraries(refresh)
     by_device: dict[str, list[ExecutorInfo]] = {}
     for executor in executor_registry.available():
         by_device.setdefault(str(executor.device), []).append(executor.info())
-    entries = tuple(DeviceEntry(device, infos[0].device_name, tuple(infos))
-                    for device, infos in by_device.items())
+    entries = tuple(DeviceEntry(device, cpu_name() if device == "cpu" else infos[0].device_name,
+                                tuple(infos)) for device, infos in by_device.items())
     return Inventory(entries, tuple(libs))
