@@ -1,0 +1,1 @@
+"""OpenCL C kernels (*.cl) and the lowering of ONNX nodes onto them (`ops`), for `opencl_executor`."""
