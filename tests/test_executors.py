@@ -1,0 +1,44 @@
+"""Executor discovery: installed, missing and third-party libraries."""
+
+import importlib.metadata
+
+import pytest
+from conftest import StubExecutor
+
+import hetero
+from hetero import executors
+
+
+def test_missing_library_names_its_extra(monkeypatch):
+    real_import = executors.importlib.import_module
+
+    def refuse(name, *args):
+        if name.endswith("openvino_executor"):
+            raise ModuleNotFoundError("No module named 'openvino'", name="openvino")
+        return real_import(name, *args)
+
+    monkeypatch.setattr(executors.importlib, "import_module", refuse)
+    try:
+        libraries = {lib.library: lib for lib in executors.libraries(refresh=True)}
+        assert not libraries["openvino"].installed
+        assert "pip install 'hetero[openvino]'" in libraries["openvino"].error
+        assert "openvino" in str(hetero.devices())
+        with pytest.raises(hetero.ExecutorUnavailableError, match=r"hetero\[openvino\]"):
+            executors.resolve(["openvino"])
+    finally:
+        monkeypatch.undo()
+        executors.libraries(refresh=True)
+
+
+def test_third_party_executors_arrive_through_entry_points(monkeypatch):
+    entry = importlib.metadata.EntryPoint("stub", "conftest:StubExecutor", "hetero.executors")
+    real = importlib.metadata.entry_points
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda **kw: [entry] if kw.get("group") == "hetero.executors" else real(**kw))
+    try:
+        found = {lib.library: lib for lib in executors.libraries(refresh=True)}
+        assert found["stub"].installed and isinstance(found["stub"].executors[0], StubExecutor)
+        assert "stub@stub:0" in [e.name for e in executors.available()]
+    finally:
+        monkeypatch.undo()
+        executors.libraries(refresh=True)
