@@ -15,6 +15,7 @@ import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun, RuntimeContextError
+from onnx.reference.ops.op_loop import Loop as ReferenceLoop
 
 from hetero import kernels
 from hetero.errors import CompileError, RunError
@@ -65,6 +66,36 @@ def host_kernel_op(spec: kernels.Kernel) -> type[OpRun]:
     return type(spec.op_type, (OpRun,), {"op_domain": spec.domain, "_run": _run, "__init__": __init__})
 
 
+class Loop(ReferenceLoop):
+    """onnx.reference's Loop, with scan outputs stacked along a new first axis as the spec says
+    (the reference `vstack`s them, which turns N scalars into an [N, 1] tensor)."""
+
+    def _run(self, M, cond, *args, context=None, body=None, attributes=None, bindings=None):
+        names = self.body.input_names
+        inputs = dict.fromkeys(names)
+        for name, value in zip(names[2:], args, strict=False):
+            inputs[name] = value
+        inputs.update(context or {})
+        scans: list[list] = [[] for _ in range(self.K)]
+        carried = [inputs[n] for n in names[2:]]
+        iteration = 0
+        while cond and (M is None or iteration < M):
+            if names[0] is not None:
+                inputs[names[0]] = np.array(iteration, dtype=None if M is None else M.dtype)
+            if len(names) > 1 and names[1] is not None:
+                inputs[names[1]] = cond
+            outputs = self._run_body(inputs, attributes=attributes, bindings=bindings)
+            for k in range(self.K):
+                scans[k].append(outputs[-self.K + k])
+            cond = outputs[self.output_index[self.body.output_names[0]]]
+            carried = outputs[1:1 + self.N]
+            for name, value in zip(names[2:], carried, strict=False):
+                inputs[name] = value
+            iteration += 1
+        results = list(carried) + [np.stack(values) if values else np.empty((0,)) for values in scans]
+        return self._check_and_fix_outputs(tuple(results))
+
+
 class _Interpreted(CompiledPartition):
     def __init__(self, part: onnx.ModelProto, new_ops: list[type[OpRun]]):
         self.input_names = [i.name for i in part.graph.input]
@@ -106,6 +137,6 @@ class NumpyExecutor(Executor):
             if spec is not None:
                 custom.append(host_kernel_op(spec))
         try:
-            return _Interpreted(part, [*custom, *FAST_OPS])
+            return _Interpreted(part, [*custom, *FAST_OPS, Loop])
         except Exception as exc:
             raise CompileError(f"numpy@cpu cannot build partition {part.graph.name!r}: {exc}") from exc
