@@ -3,8 +3,9 @@
     python benchmarks/planner.py [--models resnet50,mobilenet_v2,bert,nanodet,custom_op] [--batches 1,8]
                                  [--rounds 7]
 
-Every configuration of a model is compiled first, then timed in interleaved rounds (one request
-each per round) and reported by median, fp32 throughout. The ratio column is the best single
+Every configuration of a model is compiled first, then timed in interleaved rounds (per round and
+configuration one untimed request, so the previous library's spinning threads settle, then one
+timed request) and reported by median, fp32 throughout. The ratio column is the best single
 library's median over Hetero latency's (>1 means Hetero is faster). It also reports how long
 cold profiling and warm planning took.
 """
@@ -74,6 +75,7 @@ def measure(name: str, model: hetero.Model, rounds: int) -> dict[str, float | No
     for _ in range(rounds):
         for label, session in sessions.items():
             if session is not None:
+                session.run(feeds)  # untimed: lets the previous library's idle threads settle
                 start = time.perf_counter()
                 session.run(feeds)
                 times[label].append((time.perf_counter() - start) * 1e3)
