@@ -4,8 +4,8 @@
                                  [--rounds 7]
 
 Every configuration of a model is compiled first, then timed in interleaved rounds (per round and
-configuration one untimed request, so the previous library's spinning threads settle, then one
-timed request) and reported by median, fp32 throughout. The ratio column is the best single
+configuration one untimed request and a 0.1 s pause, so the previous library's spinning threads
+settle, then one timed request) and reported by median, fp32 throughout. The ratio column is the best single
 library's median over Hetero latency's (>1 means Hetero is faster). It also reports how long
 cold profiling and warm planning took.
 """
@@ -75,7 +75,8 @@ def measure(name: str, model: hetero.Model, rounds: int) -> dict[str, float | No
     for _ in range(rounds):
         for label, session in sessions.items():
             if session is not None:
-                session.run(feeds)  # untimed: lets the previous library's idle threads settle
+                session.run(feeds)  # untimed, then a pause: the previous library's spinning
+                time.sleep(0.1)     # threads (OpenBLAS, OpenMP, TBB) go to sleep before we time
                 start = time.perf_counter()
                 session.run(feeds)
                 times[label].append((time.perf_counter() - start) * 1e3)
