@@ -198,10 +198,13 @@ class OpenVinoExecutor(Executor):
                             str(device_name), self.threads, self.precision)
 
     def _config(self) -> dict[str, Any]:
+        # A CPU stream is one of several compiled models sharing the cores: pinned, each would
+        # put its threads on the same first cores; the OS spreads them when they are not.
         return {
             "INFERENCE_PRECISION_HINT": _PRECISIONS[self.precision],
             "INFERENCE_NUM_THREADS": self.threads,
             "PERFORMANCE_HINT": "LATENCY",
+            "ENABLE_CPU_PINNING": self.stream is None,
         }
 
     def supports_op(self, node: Node, model: Model) -> bool:
