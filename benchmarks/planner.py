@@ -6,8 +6,9 @@
 Every configuration of a model is compiled first, then timed in interleaved rounds (per round and
 configuration one untimed request and a 0.1 s pause, so the previous library's spinning threads
 settle, then one timed request) and reported by median, fp32 throughout. The ratio column is the best single
-library's median over Hetero latency's (>1 means Hetero is faster). It also reports how long
-cold profiling and warm planning took.
+library's median over Hetero latency's (>1 means Hetero is faster); `--bf16` adds Hetero latency with
+`allow_precision="bf16"` (bf16 only where the measured output error stays within tolerance) and its
+ratio to the best fp32 single library. It also reports how long cold profiling and warm planning took.
 """
 
 from __future__ import annotations
@@ -51,20 +52,23 @@ MODELS: dict[str, Callable[[int], onnx.ModelProto | None]] = {
 }
 
 
-def configurations(model: hetero.Model) -> dict[str, Callable[[], hetero.Session]]:
+def configurations(model: hetero.Model, bf16: bool) -> dict[str, Callable[[], hetero.Session]]:
     found = executors.available()
     configs: dict[str, Callable[[], hetero.Session]] = {}
     for executor in found:
         configs[f"{executor.library} alone"] = lambda e=executor: hetero.compile(model, [e])
     configs["hetero priority"] = lambda: hetero.compile(model)
     configs["hetero latency"] = lambda: hetero.compile(model, policy="latency")
+    if bf16:
+        configs["hetero latency +bf16"] = lambda: hetero.compile(model, policy="latency",
+                                                                 allow_precision="bf16")
     return configs
 
 
-def measure(name: str, model: hetero.Model, rounds: int) -> dict[str, float | None]:
+def measure(name: str, model: hetero.Model, rounds: int, bf16: bool) -> dict[str, float | None]:
     feeds = example_feeds(model)
     sessions: dict[str, hetero.Session | None] = {}
-    for label, build in configurations(model).items():
+    for label, build in configurations(model, bf16).items():
         try:
             sessions[label] = build()
             sessions[label].run(feeds)
@@ -125,6 +129,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--batches", default="1,8")
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--bf16", action="store_true",
+                        help="add Hetero latency with allow_precision='bf16' (accuracy-checked) as a column")
     args = parser.parse_args()
     print(f"executors: {', '.join(e.name for e in executors.available())}; fp32; median of {args.rounds} "
           "interleaved rounds (ms per request)", flush=True)
@@ -136,19 +142,21 @@ def main() -> None:
                 print(f"  {name} batch {batch}: not applicable", flush=True)
                 continue
             model = hetero.load(proto, name=f"{name} b{batch}")
-            results = measure(name, model, args.rounds)
+            results = measure(name, model, args.rounds, args.bf16)
             rows.append((f"{name} b{batch}", results))
             summary = ", ".join(f"{k} {v:.2f}" for k, v in results.items() if v)
             print(f"  {name} b{batch}: {summary}", flush=True)
     labels = list(dict.fromkeys(label for _, results in rows for label in results))
     singles = [label for label in labels if label.endswith(" alone")]
-    print("\n| model | " + " | ".join(labels) + " | best single / latency |")
-    print("|---|" + "---|" * (len(labels) + 1))
+    ours = [label for label in labels if label.startswith("hetero latency")]
+    headers = labels + [f"best single / {label.removeprefix('hetero ')}" for label in ours]
+    print("\n| model | " + " | ".join(headers) + " |")
+    print("|---|" + "---|" * (len(labels) + len(ours)))
     for model_name, results in rows:
         best = min((results[s] for s in singles if results.get(s)), default=None)
-        ratio = best / results["hetero latency"] if best and results.get("hetero latency") else None
+        ratios = [f"{best / results[o]:.2f}x" if best and results.get(o) else "n/a" for o in ours]
         cells = [f"{results[label]:.2f}" if results.get(label) else "n/a" for label in labels]
-        print(f"| {model_name} | " + " | ".join(cells) + f" | {f'{ratio:.2f}x' if ratio else 'n/a'} |")
+        print(f"| {model_name} | " + " | ".join(cells + ratios) + " |")
     cold, warm_plan, warm_compile = planning_times()
     print(f"\nResNet-50 planning: cold profiling {cold:.1f} s in an empty cache, warm latency planning "
           f"{warm_plan:.2f} s, warm compile with policy latency {warm_compile:.2f} s")

@@ -144,9 +144,10 @@ class OnnxRuntimeExecutor(Executor):
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
-        # Host libraries take turns on the same cores: threads that spin after a run would steal
-        # them from the next partition's library.
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Spinning between the nodes of one run saves a wake-up per parallel op; spinning after
+        # the run would steal the cores from the next partition's library, so it stops there.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        options.add_session_config_entry("session.force_spinning_stop", "1")
         return options
 
     def supports_op(self, node: Node, model: Model) -> bool:
