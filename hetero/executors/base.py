@@ -8,8 +8,9 @@ device's arrays, and moves arrays between host memory and its device.
 from __future__ import annotations
 
 import os
+import threading
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -148,6 +149,28 @@ class Executor(ABC):
 
     def synchronize(self) -> None:  # noqa: B027 - a no-op on the host, devices override it
         """Wait until work queued on the device is done (for timing)."""
+
+
+class ProbeAnswers:
+    """A library's answers to "can you run this node?", by node signature: asking it means
+    compiling the node alone, which is slow, and the answer holds for every instance."""
+
+    def __init__(self) -> None:
+        self._answers: dict[str, bool] = {}
+        self._lock = threading.Lock()
+
+    def ask(self, key: str, probe: Callable[[], bool]) -> bool:
+        """`probe()`'s answer for `key`, probing once; a probe that raises answers no."""
+        with self._lock:
+            if key in self._answers:
+                return self._answers[key]
+        try:
+            ok = bool(probe())
+        except Exception:
+            ok = False
+        with self._lock:
+            self._answers[key] = ok
+        return ok
 
 
 def default_threads() -> int:

@@ -7,7 +7,6 @@ for nodes that pass, whether a session can be built for the node alone.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any, ClassVar
@@ -18,7 +17,14 @@ import onnxruntime as ort
 from onnxruntime.capi import _pybind_state
 
 from hetero.errors import CompileError, RunError
-from hetero.executors.base import NUMPY_NATIVE_TYPES, CompiledPartition, Executor, ExecutorInfo, shrinks
+from hetero.executors.base import (
+    NUMPY_NATIVE_TYPES,
+    CompiledPartition,
+    Executor,
+    ExecutorInfo,
+    ProbeAnswers,
+    shrinks,
+)
 from hetero.graph import Model, Node
 
 _PROVIDER = "CPUExecutionProvider"
@@ -124,9 +130,7 @@ class OnnxRuntimeExecutor(Executor):
     library = "onnxruntime"
     extra = "onnxruntime"
     compiles_graphs = True
-    # Capability answers, by node signature, shared by every instance (variants, streams).
-    _probe_cache: ClassVar[dict[str, bool]] = {}
-    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _probes: ClassVar[ProbeAnswers] = ProbeAnswers()
     exchange_dtypes = NUMPY_NATIVE_TYPES | {"string"}
 
     @classmethod
@@ -153,21 +157,12 @@ class OnnxRuntimeExecutor(Executor):
     def supports_op(self, node: Node, model: Model) -> bool:
         if not has_kernel(node, model) or known_deviation(node, model):
             return False
-        key = model.signature(node)
-        with self._lock:
-            if key in self._probe_cache:
-                return self._probe_cache[key]
         options = self._options()
         options.intra_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        try:
-            ort.InferenceSession(model.extract([node]).SerializeToString(), options, providers=[_PROVIDER])
-            ok = True
-        except Exception:
-            ok = False
-        with self._lock:
-            self._probe_cache[key] = ok
-        return ok
+        alone = model.extract([node]).SerializeToString
+        return self._probes.ask(model.signature(node), lambda: ort.InferenceSession(
+            alone(), options, providers=[_PROVIDER]) is not None)
 
     def compile(self, part: onnx.ModelProto) -> CompiledPartition:
         try:

@@ -24,6 +24,7 @@ from hetero.executors.base import (
     Device,
     Executor,
     ExecutorInfo,
+    ProbeAnswers,
     shrinks,
 )
 from hetero.graph import Model, Node
@@ -166,9 +167,7 @@ class OpenVinoExecutor(Executor):
     library = "openvino"
     extra = "openvino"
     compiles_graphs = True
-    # Capability answers, by node signature, shared by every instance (variants, streams).
-    _probe_cache: ClassVar[dict[str, bool]] = {}
-    _lock: ClassVar[threading.Lock] = threading.Lock()
+    _probes: ClassVar[ProbeAnswers] = ProbeAnswers()
     # The CPU plugin computes f64 and f16 in f32, which is not ONNX's semantics for those types.
     exchange_dtypes = NUMPY_NATIVE_TYPES - {"double", "float16"}
 
@@ -212,20 +211,13 @@ class OpenVinoExecutor(Executor):
             return False
         if known_deviation(node, model):
             return False
-        key = model.signature(node)
-        with self._lock:
-            if key in self._probe_cache:
-                return self._probe_cache[key]
-        try:
+        def probe() -> bool:
             ov_model = read(model.extract([node]))
             placed = core().query_model(ov_model, "CPU")
-            ok = all(op.get_friendly_name() in placed for op in ov_model.get_ops()
-                     if op.get_type_name() not in _STRUCTURAL_OPS)
-        except Exception:
-            ok = False
-        with self._lock:
-            self._probe_cache[key] = ok
-        return ok
+            return all(op.get_friendly_name() in placed for op in ov_model.get_ops()
+                       if op.get_type_name() not in _STRUCTURAL_OPS)
+
+        return self._probes.ask(model.signature(node), probe)
 
     def compile(self, part: onnx.ModelProto) -> CompiledPartition:
         try:
