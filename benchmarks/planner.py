@@ -86,6 +86,9 @@ def measure(name: str, model: hetero.Model, rounds: int, bf16: bool) -> dict[str
                     start = time.perf_counter()
                     session.run(feeds)
                     times[label].append((time.perf_counter() - start) * 1e3)
+    for session in sessions.values():
+        if session is not None:
+            session.close()
     return {label: statistics.median(t) if t else None for label, t in times.items()}
 
 

@@ -174,6 +174,7 @@ class Model:
             t.name: t for t in graph.initializer}
         self._initializers.update({t.values.name: t for t in graph.sparse_initializer})
         self._value_infos: dict[str, onnx.ValueInfoProto] = {}
+        self._signatures: dict[str, str] = {}  # by node name, unique once loaded
         for vi in (*graph.value_info, *graph.input, *graph.output):
             self._value_infos[vi.name] = vi
         for name, init in self._initializers.items():
@@ -252,6 +253,8 @@ class Model:
         Small constant inputs (shape tensors, axes) are part of the key since they change what a
         library can run; weights are not. Capability and cost caches are keyed by it.
         """
+        if node.name and node.name in self._signatures:
+            return self._signatures[node.name]
         digest = hashlib.sha1(f"{node.domain}::{node.op_type}:{node.since_version}".encode())
         for attr in sorted(node.proto.attribute, key=lambda a: a.name):
             digest.update(attr.SerializeToString(deterministic=True))
@@ -263,7 +266,10 @@ class Model:
                 digest.update(init.SerializeToString(deterministic=True))
         for name in node.outputs:
             digest.update(f">{self.tensor(name).describe()}".encode())
-        return f"{node.op_type}-{digest.hexdigest()[:16]}"
+        key = f"{node.op_type}-{digest.hexdigest()[:16]}"
+        if node.name:
+            self._signatures[node.name] = key
+        return key
 
     @cached_property
     def fingerprint(self) -> str:

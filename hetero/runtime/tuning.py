@@ -98,11 +98,13 @@ def tune_latency(model: Model, executors: Sequence[str | Executor] | None, *,
                       if not c.name.endswith(" alone")][:MEASURE_TOP]:
         measure(candidate)
     live = sorted((item for item in measured.items() if item[1][2] is not None), key=lambda item: item[1][1])
-    if len(live) > 1:
-        raced = _race({names: session for names, (_, _, session) in live[:FINALISTS]}, feeds)
-        for names, ms in raced.items():
-            measured[names] = (measured[names][0], ms, measured[names][2])
-            _plans.put(_key(model, "latency", names), ms)
+    if len(live) > 1:  # raced times are kept apart: calibration stays on the single measurements
+        finalists = {names: session for names, (_, _, session) in live[:FINALISTS]}
+        for names, ms in _race(finalists, feeds).items():
+            _plans.put(_key(model, "raced", names), ms)
+    for names, (candidate, ms, session) in measured.items():
+        raced = _plans.get(_key(model, "raced", names))
+        measured[names] = (candidate, ms if raced is None else float(raced), session)
     _plans.save()
     if not measured:
         raise PlanError(f"model {model.label!r}: no candidate placement could be compiled and run")
@@ -127,6 +129,7 @@ def _race(sessions: dict[tuple[str, ...], Session], feeds: dict, min_rounds: int
         if round_ >= min_rounds and time.perf_counter() > deadline:
             break
         for names, session in sessions.items():
+            session.run(feeds)  # untimed: the previous candidate's library may still spin
             start = time.perf_counter()
             session.run(feeds)
             times[names].append(time.perf_counter() - start)
