@@ -262,12 +262,12 @@ def demo(frames: Annotated[int | None, typer.Option(help="Only the first N frame
                                             "over every library, checked and timed.")] = False,
          repeats: Annotated[int, typer.Option(help="Tour: timed runs per configuration.")] = 20) -> None:
     """Traffic camera: count pedestrians and vehicles in a video on every device at once."""
-    console.print(str(hetero.devices()))
+    console.print(escape(str(hetero.devices())))
     try:
         if tour:
             from hetero.apps.tour import tour as run_tour
 
-            run_tour(repeats=repeats, say=console.print, show_plan=_print_plan)
+            run_tour(repeats=repeats, say=lambda text: console.print(escape(text)), show_plan=_print_plan)
         else:
             _traffic(video, frames, out)
     except (hetero.HeteroError, ImportError) as exc:
