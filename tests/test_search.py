@@ -3,6 +3,7 @@ measured policies on stub executors whose speeds are set."""
 
 import itertools
 import random
+import time
 
 import numpy as np
 import pytest
@@ -131,6 +132,27 @@ def test_second_planning_measures_nothing(cache_dir):
         cost.CostModel._measure_one = original
     assert calls == []
     assert [c.name for c in second.plan.candidates] == [c.name for c in first.plan.candidates]
+    assert [(c.name, c.measured_ms) for c in second.plan.candidates if c.chosen] == \
+        [(c.name, c.measured_ms) for c in first.plan.candidates if c.chosen]
+
+
+def test_race_interleaves_the_finalists_and_ranks_them_by_median():
+    from hetero.runtime.tuning import _race
+
+    calls = []
+
+    class Timed:
+        def __init__(self, name: str, seconds: float):
+            self.name, self.seconds = name, seconds
+
+        def run(self, feeds):
+            calls.append(self.name)
+            time.sleep(self.seconds)
+
+    times = _race({("slow",): Timed("slow", 0.006), ("fast",): Timed("fast", 0.001)}, {},
+                  min_rounds=3, max_rounds=3)
+    assert calls == ["slow", "slow", "fast", "fast"] * 3  # an untimed run, then a timed one, in turns
+    assert times[("fast",)] < times[("slow",)] and times[("slow",)] >= 6
 
 
 def test_throughput_policy_reports_what_it_compared(cache_dir):
