@@ -57,6 +57,14 @@ def test_bench_reports_rate_and_percentiles(model_file):
     assert "inferences/s" in output and "p99" in output
 
 
+def test_bench_compare_runs_the_native_baselines(model_file):
+    pytest.importorskip("openvino")
+    pytest.importorskip("onnxruntime")
+    code, output = _invoke("bench", model_file, "-e", "onnxruntime", "--duration", "0.5", "--compare")
+    assert code == 0, output
+    assert "openvino THROUGHPUT hint" in output and "onnxruntime" in output
+
+
 def test_errors_exit_with_a_message(tmp_path):
     code, output = _invoke("run", tmp_path / "missing.onnx")
     assert code == 2 and "does not exist" in output

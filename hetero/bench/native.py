@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 
 import onnx
@@ -18,34 +19,36 @@ from hetero.executors import default_threads
 
 def openvino_throughput(model: onnx.ModelProto, feeds: dict, duration: float,
                         precision: str = "f32") -> BenchResult:
-    """OpenVINO with the THROUGHPUT hint and an AsyncInferQueue of its optimal size, as benchmark_app."""
+    """OpenVINO with the THROUGHPUT hint and its optimal number of async infer requests, each
+    restarted as soon as it finishes, as benchmark_app runs it.
+
+    No Python callbacks: OpenVINO's stream threads would then need the GIL, and freeing the
+    compiled model (which joins them, GIL held) can deadlock."""
     import openvino as ov
 
     core = ov.Core()
     compiled = core.compile_model(core.read_model(model.SerializeToString(), b""), "CPU",
                                   {"PERFORMANCE_HINT": "THROUGHPUT", "INFERENCE_PRECISION_HINT": precision})
-    requests = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
-    queue = ov.AsyncInferQueue(compiled, requests)
+    count = compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")
+    requests = [compiled.create_infer_request() for _ in range(count)]
     inputs = {compiled.input(name): value for name, value in feeds.items()}
+    for request in requests:  # warm-up
+        request.infer(inputs)
     latencies: list[float] = []
-    lock = threading.Lock()
-
-    def finished(_request: object, started: float) -> None:
-        with lock:
-            latencies.append(time.perf_counter() - started)
-
-    queue.set_callback(finished)
-    for _ in range(requests):
-        queue.start_async(inputs, time.perf_counter())
-    queue.wait_all()
-    latencies.clear()
     start = time.perf_counter()
-    while time.perf_counter() - start < duration:
-        queue.start_async(inputs, time.perf_counter())
-    queue.wait_all()
+    for request in requests:
+        request.start_async(inputs)
+    in_flight = deque(requests)
+    while in_flight:
+        request = in_flight.popleft()
+        request.wait()
+        latencies.append(request.latency / 1e3)
+        if time.perf_counter() - start < duration:
+            request.start_async(inputs)
+            in_flight.append(request)
     elapsed = time.perf_counter() - start
     streams = compiled.get_property("NUM_STREAMS")
-    return BenchResult(f"openvino THROUGHPUT hint ({streams} streams, {requests} requests)", len(latencies),
+    return BenchResult(f"openvino THROUGHPUT hint ({streams} streams, {count} requests)", len(latencies),
                        elapsed, latencies, precision="fp32" if precision == "f32" else precision)
 
 
