@@ -26,6 +26,7 @@ import onnx
 
 import hetero
 from hetero import executors, planner, zoo
+from hetero.bench import settled_times
 from hetero.graph import example_feeds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,12 +81,7 @@ def measure(name: str, model: hetero.Model, rounds: int, bf16: bool) -> dict[str
     for _ in range(rounds):
         for label, session in sessions.items():
             if session is not None:
-                time.sleep(0.1)     # the previous library's spinning threads (OpenBLAS, OpenMP,
-                session.run(feeds)  # TBB) go to sleep; an untimed request wakes this one's
-                for _ in range(BURST):
-                    start = time.perf_counter()
-                    session.run(feeds)
-                    times[label].append((time.perf_counter() - start) * 1e3)
+                times[label] += [t * 1e3 for t in settled_times(lambda s=session: s.run(feeds), BURST)]
     for session in sessions.values():
         if session is not None:
             session.close()

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import onnx
 
 import hetero
 from hetero import executors, zoo
-from hetero.bench import native, run_load
+from hetero.bench import native, run_load, settled_times
 from hetero.executors import is_accelerator
 from hetero.graph import example_feeds
 from hetero.runtime.tuning import measure_rate
@@ -75,13 +74,8 @@ def overhead(model: hetero.Model, rounds: int = 20) -> None:
             session.run(feeds)
             call(feeds)
         for _ in range(rounds):
-            for run, times in ((session.run, ours), (call, theirs)):
-                time.sleep(0.1)  # the other side's spinning threads (ORT's by default) go to sleep
-                run(feeds)       # and an untimed request wakes this side's
-                for _ in range(3):
-                    start = time.perf_counter()
-                    run(feeds)
-                    times.append(time.perf_counter() - start)
+            ours += settled_times(lambda s=session: s.run(feeds))
+            theirs += settled_times(lambda c=call: c(feeds))
         a, b = statistics.median(ours) * 1e3, statistics.median(theirs) * 1e3
         print(f"| {library} | {a:.2f} | {b:.2f} | {a / b:.3f} |")
 

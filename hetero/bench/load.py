@@ -67,3 +67,19 @@ def run_load(name: str, call: Callable[[], object], *, duration: float = 10.0, c
     after = busy_snapshot()
     busy = {r: (after[r] - before.get(r, 0.0)) / elapsed for r in after if after[r] > before.get(r, 0.0)}
     return BenchResult(name, len(latencies), elapsed, latencies, busy)
+
+
+def settled_times(call: Callable[[], object], repeats: int = 3, pause_s: float = 0.1) -> list[float]:
+    """Seconds of `repeats` back-to-back calls, after a pause and an untimed call.
+
+    For comparing libraries in turns on shared cores: the pause lets the previous library's
+    spinning threads (OpenBLAS, OpenMP, TBB, ONNX Runtime) go to sleep, the untimed call wakes
+    this one's, so each side is timed in its own steady state."""
+    time.sleep(pause_s)
+    call()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - start)
+    return times

@@ -157,12 +157,14 @@ class OnnxRuntimeExecutor(Executor):
     def supports_op(self, node: Node, model: Model) -> bool:
         if not has_kernel(node, model) or known_deviation(node, model):
             return False
-        options = self._options()
-        options.intra_op_num_threads = 1
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        alone = model.extract([node]).SerializeToString
-        return self._probes.ask(model.signature(node), lambda: ort.InferenceSession(
-            alone(), options, providers=[_PROVIDER]) is not None)
+        def probe() -> bool:
+            options = self._options()
+            options.intra_op_num_threads = 1
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+            ort.InferenceSession(model.extract([node]).SerializeToString(), options, providers=[_PROVIDER])
+            return True
+
+        return self._probes.ask(model.signature(node), probe)
 
     def compile(self, part: onnx.ModelProto) -> CompiledPartition:
         try:
