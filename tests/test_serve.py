@@ -114,9 +114,15 @@ def _executions(raw: httpx.Client, model: str, version: str) -> float:
     return float(found.group(1)) if found else 0.0
 
 
-def test_health_and_metadata(http, grpc) -> None:
-    assert http.is_server_live() and http.is_server_ready()
-    assert grpc.is_server_live() and grpc.is_server_ready()
+def test_health_and_metadata(http, grpc, tmp_path: Path) -> None:
+    assert http.is_server_live() and grpc.is_server_live()
+    assert not http.is_server_ready() and not grpc.is_server_ready()  # 'bad' and 'misconfigured' failed
+    _model(tmp_path, "spare", {"1": zoo.small_cnn()}, ONE_STREAM)
+    with Server(tmp_path, http_port=0, grpc_port=0) as healthy:
+        assert tritonhttp.InferenceServerClient(f"127.0.0.1:{healthy.http_port}").is_server_ready()
+        assert tritongrpc.InferenceServerClient(f"127.0.0.1:{healthy.grpc_port}").is_server_ready()
+        healthy.repository.unload("spare")  # unloaded on request: still ready
+        assert tritonhttp.InferenceServerClient(f"127.0.0.1:{healthy.http_port}").is_server_ready()
     assert "binary_tensor_data" in http.get_server_metadata()["extensions"]
     assert "model_repository" in grpc.get_server_metadata().extensions
     meta = http.get_model_metadata("cnn")
@@ -198,7 +204,7 @@ BAD_REQUESTS = [  # (what, path, body, headers, status, words the error must nam
     ("wrong rank", "cnn", _request(shape=[3, 32, 32, 1, 1]), {}, 400, "rank"),
     ("negative dim", "cnn", _request(shape=[-1, 3, 32, 32]), {}, 400, "shape"),
     ("data count", "cnn", _request(data=[1.0, 2.0]), {}, 400, "2 data elements"),
-    ("strings as FP32", "cnn", _request(data=["a"] * 3072), {}, 400, "does not match its datatype FP32"),
+    ("strings as FP32", "cnn", _request(data=["a"] * 3072), {}, 400, "FP32 data must be numbers, got 'a'"),
     ("ragged data", "cnn", _request(data=[[1.0], [1.0, 2.0]]), {}, 400, "regular array"),
     ("missing input", "cnn", {"inputs": []}, {}, 400, "'images'"),
     ("extra input", "cnn", {"inputs": [*_request()["inputs"], {**_request()["inputs"][0], "name": "extra"}]},
@@ -208,6 +214,12 @@ BAD_REQUESTS = [  # (what, path, body, headers, status, words the error must nam
     ("batch too big", "cnn", _request(data=[0.0] * 3072 * 17, shape=[17, 3, 32, 32]), {}, 400,
      "max_batch_size"),
     ("unknown model", "nope", _request(), {}, 404, "unknown model 'nope'"),
+    ("rank 65", "cnn", _request(shape=[1] * 65), {}, 400, "rank 65"),
+    ("nested beyond orjson's depth", "cnn", b'{"inputs": ' + b"[" * 5000 + b"]" * 5000 + b"}", {}, 400,
+     "not valid JSON"),
+    ("data a string", "cnn", _request(data="abc"), {}, 400, "must be a list"),
+    ("timeout not an integer", "cnn", {**_request(), "parameters": {"timeout": "soon"}}, {}, 400,
+     "parameters.timeout"),
     ("unknown version", "cnn/versions/7", _request(), {}, 404, "no version '7'"),
     ("model not ready", "bad", _request(), {}, 503, "not ready"),
     ("header length not a number", "cnn", _request(), {"Inference-Header-Content-Length": "x"}, 400,
@@ -248,7 +260,9 @@ def test_bad_requests_then_valid(raw: httpx.Client, http) -> None:
         assert response.status_code == 400 and words in response.json()["error"], (what, response.text)
     _check_error(raw.post("/v2/models/cnn/infer", content=b"0" * (2 << 20)), 413, "exceeds the limit")
     _check_error(raw.get("/v2/nowhere"), 404, "/v2/nowhere")
-    _check_error(raw.get("/v2/models/cnn/infer"), 405, "Method Not Allowed")
+    refused = raw.get("/v2/models/cnn/infer")
+    _check_error(refused, 405, "Method Not Allowed")
+    assert refused.headers["allow"] == "POST"
     result = http.infer("cnn", [_http_input(_images())])
     np.testing.assert_allclose(result.as_numpy("logits"), _expected("2", _images()), rtol=1e-5, atol=1e-6)
 
@@ -278,7 +292,7 @@ def test_slow_client_gets_408(server: Server, http) -> None:
         assert time.perf_counter() - start < 4
         reply = reply.decode()
     assert reply.startswith("HTTP/1.1 408") and "not received within 1 s" in reply, reply
-    assert http.is_server_ready()
+    assert http.is_server_live()
 
 
 def test_dynamic_batching(http, raw: httpx.Client) -> None:
@@ -305,13 +319,18 @@ def test_api_key(server: Server, raw: httpx.Client, monkeypatch: pytest.MonkeyPa
     _check_error(raw.post("/v2/models/cnn/infer", content=body, headers={"api-key": "wrong"}), 401, "API key")
     _check_error(raw.post("/v2/repository/index"), 401, "API key")
     _check_error(raw.post("/v2/repository/models/spare/unload"), 401, "API key")
-    assert raw.get("/v2/health/ready").status_code == 200 and raw.get("/metrics").status_code == 200
+    _check_error(raw.get("/v2/models/cnn/ready"), 401, "API key")
+    _check_error(raw.get("/v2/models/cnn/stats"), 401, "API key")
+    assert raw.get("/v2/health/live").status_code == 200 and raw.get("/metrics").status_code == 200
+    assert raw.get("/v2/health/ready").status_code == 503  # open, and says not ready ('bad' failed)
     assert raw.post("/v2/models/cnn/infer", content=body, headers={"api-key": "s3cret"}).status_code == 200
     assert raw.post("/v2/repository/index", headers={"Authorization": "Bearer s3cret"}).status_code == 200
     client = tritongrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     assert client.is_server_live()
-    with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
-        client.get_model_repository_index()
+    for call in (client.get_model_repository_index, lambda: client.is_model_ready("cnn"),
+                 lambda: client.get_inference_statistics("cnn")):
+        with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+            call()
     assert client.get_model_repository_index(headers={"authorization": "Bearer s3cret"}).models
     client.close()
 
@@ -386,8 +405,12 @@ def test_shutdown_finishes_in_flight(tmp_path: Path) -> None:
 
 
 def test_config_errors(tmp_path: Path) -> None:
-    for data, words in [({"max_batch": 4}, "unknown field 'max_batch'"),
-                        ({"max_batch_size": -1}, "max_batch_size"),
+    for data, words in [({"max_batch": 4}, "unknown field 'max_batch'; fields are executors"),
+                        ({"max_batch_size": -1}, "max_batch_size: Input should be greater than or equal to 0"),
+                        ({"max_batch_size": True}, "max_batch_size: Input should be a valid integer"),
+                        ({"cpu_streams": 0}, "cpu_streams"), ({"executors": []}, "executors"),
+                        ({"policy": "fastest"}, "policy: Input should be 'priority'"),
+                        ({"dynamic_batching": {"delay": 1}}, "unknown field 'dynamic_batching.delay'"),
                         ({"replicas": [["numpy"]], "executors": ["numpy"]}, "not both"),
                         ({"dynamic_batching": {}}, "needs max_batch_size > 0"),
                         ({"max_batch_size": 4, "dynamic_batching": {"preferred_batch_size": [8]}}, "exceed"),
@@ -411,7 +434,7 @@ def test_batcher_merges_only_equal_shapes() -> None:
                              [["numpy"]], cpu_streams=1)
     batches: list[int] = []
     batcher = Batcher(pool, "neg", max_batch_size=8, delay_s=5.0, preferred=[4],
-                      observe=lambda rows, waits: batches.append(rows))
+                      observe=lambda rows, waits, seconds: batches.append(rows))
     start = time.perf_counter()
     arrays = [np.full((1, 3 if i % 2 else 5), i, np.float32) for i in range(8)]
     futures = [batcher.submit({"x": a}, ["y"]) for a in arrays]

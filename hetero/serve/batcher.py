@@ -9,12 +9,13 @@ while every replica is busy the queue grows into bigger batches instead of pilin
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,7 +24,7 @@ from hetero.errors import QueueFullError, RunError
 from hetero.runtime import ReplicaPool
 from hetero.serve.protocol import ServeError
 
-BatchObserver = Callable[[int, Sequence[float]], None]  # (batch rows, each request's queue seconds)
+BatchObserver = Callable[[int, Sequence[float], float], None]  # (rows, each request's queue s, run s)
 
 
 @dataclass(eq=False)
@@ -37,7 +38,12 @@ class _Request:
 
 
 class Batcher:
-    """Requests to one ReplicaPool, merged when `max_batch_size` > 0 (each run alone when 0)."""
+    """Requests to one ReplicaPool, merged when `max_batch_size` > 0 (each run alone when 0).
+
+    A request's Future may be cancelled while it waits (a client gone, a deadline passed): it is
+    dropped from the queue and never run. Once in a batch it runs; each request of a batch gets its
+    own rows, whatever becomes of its batch-mates.
+    """
 
     def __init__(self, pool: ReplicaPool, label: str, *, max_batch_size: int = 0, delay_s: float = 0.0,
                  preferred: Sequence[int] = (), max_queue_size: int = 128,
@@ -65,6 +71,7 @@ class Batcher:
         with self._cond:
             if self._closing:
                 raise ServeError(f"model {self.label!r} is unloading", 503)
+            self._drop_cancelled()
             if len(self._pending) >= self.max_queue_size:
                 raise QueueFullError(f"model {self.label!r}: {self.max_queue_size} requests already queued "
                                      "(max_queue_size); try again later")
@@ -72,13 +79,22 @@ class Batcher:
             self._cond.notify()
         return request.future
 
-    def close(self) -> None:
-        """Refuse new requests, run every queued one, wait for the batches in flight, stop."""
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests, run every queued one and wait for the batches in flight, for at most
+        `timeout_s`; requests still queued then fail (503)."""
+        deadline = time.monotonic() + timeout_s
         with self._cond:
             self._closing = True
             self._cond.notify()
-        self._thread.join()
-        self.pool.close(wait=True)
+        self._thread.join(timeout_s)
+        with self._cond:
+            left, self._pending = list(self._pending), deque()
+        for request in left:
+            _deliver(request.future, error=ServeError(f"model {self.label!r} unloaded before running the "
+                                                      "request", 503))
+        drained = all(self._slots.acquire(timeout=max(0.0, deadline - time.monotonic()))
+                      for _ in self.pool.replicas)
+        self.pool.close(wait=drained)
 
     def _dispatch_loop(self) -> None:
         while True:
@@ -86,30 +102,41 @@ class Batcher:
             with self._cond:
                 batch = self._next_batch()
             if batch is None:
+                self._slots.release()
                 return
             self._run(batch)
 
+    def _drop_cancelled(self) -> None:
+        if any(r.future.cancelled() for r in self._pending):
+            self._pending = deque(r for r in self._pending if not r.future.cancelled())
+
     def _next_batch(self) -> list[_Request] | None:
-        """Wait (holding the condition) until a batch is due; None once closing and drained."""
+        """Wait (holding the condition) until a batch is due; None once closing and drained.
+
+        The requests returned are marked running, so none of them can be cancelled any more."""
         while True:
+            self._drop_cancelled()
             if not self._pending:
                 if self._closing:
                     return None
                 self._cond.wait()
                 continue
             if not self.max_batch_size:
-                return [self._pending.popleft()]
-            group, sizes = self._group()
-            due = self._pending[0].arrived + self.delay_s - time.perf_counter()
-            if sizes[-1] < self.max_batch_size and not self._closing and due > 0:
-                preferred = [i for i, size in enumerate(sizes) if size in self.preferred]
-                if not preferred:
-                    self._cond.wait(due)
-                    continue
-                group = group[:preferred[-1] + 1]
-            for request in group:
-                self._pending.remove(request)
-            return group
+                group = [self._pending.popleft()]
+            else:
+                group, sizes = self._group()
+                due = self._pending[0].arrived + self.delay_s - time.perf_counter()
+                if sizes[-1] < self.max_batch_size and not self._closing and due > 0:
+                    preferred = [i for i, size in enumerate(sizes) if size in self.preferred]
+                    if not preferred:
+                        self._cond.wait(due)
+                        continue
+                    group = group[:preferred[-1] + 1]
+                for request in group:
+                    self._pending.remove(request)
+            batch = [r for r in group if r.future.set_running_or_notify_cancel()]
+            if batch:
+                return batch
 
     def _group(self) -> tuple[list[_Request], list[int]]:
         """The oldest request and the later ones that fit with it, with the running batch size."""
@@ -123,38 +150,49 @@ class Batcher:
 
     def _run(self, batch: list[_Request]) -> None:
         start = time.perf_counter()
-        if self._observe is not None:
-            self._observe(sum(r.rows for r in batch), [start - r.arrived for r in batch])
-        outputs = list(dict.fromkeys(itertools.chain.from_iterable(r.outputs for r in batch)))
-        arrays = batch[0].arrays if len(batch) == 1 else {
-            name: np.concatenate([r.arrays[name] for r in batch]) for name in batch[0].arrays}
         try:
+            outputs = list(dict.fromkeys(itertools.chain.from_iterable(r.outputs for r in batch)))
+            arrays = batch[0].arrays if len(batch) == 1 else {
+                name: np.concatenate([r.arrays[name] for r in batch]) for name in batch[0].arrays}
             future = self.pool.submit(arrays, outputs)
         except Exception as exc:
             self._slots.release()
             for request in batch:
-                request.future.set_exception(exc)
+                _deliver(request.future, error=exc)
             return
-        future.add_done_callback(lambda done: self._finish(batch, done))
+        future.add_done_callback(lambda done: self._finish(batch, done, start))
 
-    def _finish(self, batch: list[_Request], done: Future) -> None:
+    def _finish(self, batch: list[_Request], done: Future, start: float) -> None:
+        """Hand each request its rows (or the batch's error); runs on the thread that ran the batch."""
         self._slots.release()
         error = done.exception()
+        rows = sum(r.rows for r in batch)
         if error is None and len(batch) > 1:
-            results = done.result()
-            rows = sum(r.rows for r in batch)
-            wrong = [name for name, value in results.items() if np.ndim(value) == 0 or len(value) != rows]
+            wrong = [name for name, value in done.result().items()
+                     if np.ndim(value) == 0 or len(value) != rows]
             if wrong:
                 error = RunError(f"model {self.label!r}: output {wrong[0]!r} has no batch dim of {rows} "
                                  "rows; this model cannot be batched (set max_batch_size: 0)")
         if error is not None:
             for request in batch:
-                request.future.set_exception(error)
+                _deliver(request.future, error=error)
             return
+        if self._observe is not None:
+            self._observe(rows, [start - r.arrived for r in batch], time.perf_counter() - start)
         results = done.result()
-        start = 0
+        offset = 0
         for request in batch:
-            stop = start + request.rows
-            request.future.set_result({name: results[name][start:stop] if len(batch) > 1 else results[name]
-                                       for name in request.outputs})
-            start = stop
+            stop = offset + request.rows
+            _deliver(request.future, {name: results[name][offset:stop] if len(batch) > 1 else results[name]
+                                      for name in request.outputs})
+            offset = stop
+
+
+def _deliver(future: Future, result: dict[str, np.ndarray] | None = None, error: BaseException | None = None
+             ) -> None:
+    """Settle one request's Future; one already settled or cancelled is left as it is."""
+    with contextlib.suppress(InvalidStateError):
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)

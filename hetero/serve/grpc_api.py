@@ -1,33 +1,52 @@
 """The gRPC front end: KServe v2's GRPCInferenceService, with the messages tritonclient ships.
 
-Health calls are open; the rest check the API key in the call's metadata. Errors end the call
-with the status code matching the HTTP one (400 INVALID_ARGUMENT, 404 NOT_FOUND, 503 UNAVAILABLE).
+Server health calls are open; the rest check the API key in the call's metadata. Errors end the
+call with the status code matching the HTTP one (400 INVALID_ARGUMENT, 404 NOT_FOUND, 503
+UNAVAILABLE, 504 DEADLINE_EXCEEDED). A call's deadline bounds its request: one still queued when
+the deadline passes is dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import numpy as np
+from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
 from hetero.errors import ModelError
-from hetero.serve.protocol import DATATYPES, InferInput, ServeError, datatype_of, http_status, to_bytes
+from hetero.serve.protocol import (
+    DATATYPES,
+    MAX_RANK,
+    InferInput,
+    ServeError,
+    datatype_of,
+    http_status,
+    to_bytes,
+)
 
 if TYPE_CHECKING:
     from hetero.serve.server import Server
 
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE}
-_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-             "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-             "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-             "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
+          504: grpc.StatusCode.DEADLINE_EXCEEDED}
+_CONTENTS = {"BOOL": ("bool_contents", np.bool_), "INT8": ("int_contents", np.int32),
+             "INT16": ("int_contents", np.int32), "INT32": ("int_contents", np.int32),
+             "INT64": ("int64_contents", np.int64), "UINT8": ("uint_contents", np.uint32),
+             "UINT16": ("uint_contents", np.uint32), "UINT32": ("uint_contents", np.uint32),
+             "UINT64": ("uint64_contents", np.uint64), "FP32": ("fp32_contents", np.float32),
+             "FP64": ("fp64_contents", np.float64), "BYTES": ("bytes_contents", None)}
+_INLINE_BYTES = 64 << 10  # bigger requests are decoded off the event loop
+
+log = logging.getLogger("hetero.serve")
 
 Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
 
@@ -42,7 +61,12 @@ def _rpc(*, open_: bool = False) -> Callable[[Handler], Handler]:
                     self.server.authorize(dict(context.invocation_metadata() or ()))
                 return await method(self, request, context)
             except Exception as exc:
-                await context.abort(_CODES.get(http_status(exc), grpc.StatusCode.INTERNAL), str(exc))
+                status = http_status(exc)
+                if status >= 500 and status not in _CODES:
+                    log.error("internal error", exc_info=exc, extra={"fields": {"rpc": method.__name__}})
+                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); "
+                                        "the server log has the details")
+                await context.abort(_CODES[status], str(exc))
         return call
     return wrap
 
@@ -57,9 +81,9 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc(open_=True)
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self.server.ready)
+        return pb.ServerReadyResponse(ready=self.server.is_ready())
 
-    @_rpc(open_=True)
+    @_rpc()
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         try:
             self.server.repository.get(request.name, request.version)
@@ -83,9 +107,19 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelConfigResponse(config=served.config_proto())
 
     @_rpc()
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+                              context: Any) -> pb.ModelStatisticsResponse:
+        stats = self.server.statistics(request.name, request.version)
+        return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
+
+    @_rpc()
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        served, results = await self.server.infer("grpc", request.model_name, request.model_version,
-                                                  _inputs(request), [o.name for o in request.outputs] or None)
+        nbytes = request.ByteSize()
+        with self.server.budget.reserve(2 * nbytes):
+            served, results = await self.server.infer(
+                "grpc", request.model_name, request.model_version, _inputs(request),
+                [o.name for o in request.outputs] or None, timeout_s=context.time_remaining(),
+                offload=nbytes > _INLINE_BYTES)
         response = pb.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
         for name, array in results.items():
             response.outputs.add(name=name, datatype=datatype_of(array.dtype, f"output {name!r}"),
@@ -128,16 +162,17 @@ def _inputs(request: pb.ModelInferRequest) -> list[InferInput]:
     inputs = []
     for index, tensor in enumerate(request.inputs):
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise ServeError(f"inputs[{index}] ({tensor.name!r}).shape must be non-negative, "
-                             f"got {list(shape)}")
+        if any(d < 0 for d in shape) or len(shape) > MAX_RANK:
+            raise ServeError(f"inputs[{index}] ({tensor.name!r}).shape must be at most {MAX_RANK} "
+                             f"non-negative dims, got {list(shape)[:MAX_RANK + 1]}")
         if raw:
             inputs.append(InferInput(tensor.name, tensor.datatype, shape, raw=raw[index]))
             continue
-        field = _CONTENTS.get(tensor.datatype)
+        field, dtype = _CONTENTS.get(tensor.datatype, (None, None))
         if field is None and tensor.datatype in DATATYPES:
             raise ServeError(f"inputs[{index}] ({tensor.name!r}): datatype {tensor.datatype} has no typed "
                              "contents; send it in raw_input_contents")
-        data = getattr(tensor.contents, field) if field else ()  # an unknown datatype fails when decoded
+        contents = getattr(tensor.contents, field) if field else ()  # an unknown datatype fails when decoded
+        data = list(contents) if dtype is None else np.array(contents, dtype)
         inputs.append(InferInput(tensor.name, tensor.datatype, shape, data=data))
     return inputs

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from hetero.runtime.workers import busy_snapshot
-from hetero.serve.batcher import BatchObserver
 
 _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+_DURATIONS = ("success", "fail", "queue", "compute_input", "compute_infer", "compute_output",
+              "cache_hit", "cache_miss")
 
 
 class _DeviceBusy(Collector):
@@ -43,22 +47,69 @@ class Metrics:
                                   registry=self.registry)
         self.registry.register(_DeviceBusy())
 
-    def request(self, model: str, version: str, seconds: float, ok: bool) -> None:
-        self.requests.labels(model, version, "success" if ok else "failure").inc()
-        if ok:
-            self.latency.labels(model, version).observe(seconds)
-
-    def batch_observer(self, model: str, version: str) -> BatchObserver:
-        """What the batcher calls for every batch it sends."""
-        batch, queue, executions = (metric.labels(model, version)
-                                    for metric in (self.batch, self.queue, self.executions))
-
-        def observe(rows: int, waits: Sequence[float]) -> None:
-            executions.inc()
-            batch.observe(rows)
-            for seconds in waits:
-                queue.observe(seconds)
-        return observe
+    def model(self, name: str, version: str) -> ModelStats:
+        """The counters of one served model version."""
+        return ModelStats(self, name, version)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class ModelStats:
+    """What one model version has served: its Prometheus series, and the statistics extension's
+    counts (Triton's `ModelStatistics`: requests, queue and compute time, executions per batch size)."""
+
+    def __init__(self, metrics: Metrics, name: str, version: str):
+        self.name, self.version = name, version
+        self._success, self._failure = (metrics.requests.labels(name, version, outcome)
+                                        for outcome in ("success", "failure"))
+        self._latency, self._queue, self._batch, self._executions = (
+            metric.labels(name, version) for metric in (metrics.latency, metrics.queue, metrics.batch,
+                                                        metrics.executions))
+        self._lock = threading.Lock()
+        self._counts: dict[str, list[int]] = {key: [0, 0] for key in _DURATIONS}  # key -> [count, ns]
+        self._batches: dict[int, list[int]] = {}  # batch rows -> [executions, ns]
+        self._inferences = self._runs = self._last_ms = 0
+
+    def request(self, seconds: float, ok: bool) -> None:
+        """One request answered (`ok`) or failed, `seconds` after it was decoded."""
+        (self._success if ok else self._failure).inc()
+        if ok:
+            self._latency.observe(seconds)
+        with self._lock:
+            count = self._counts["success" if ok else "fail"]
+            count[0] += 1
+            count[1] += int(seconds * 1e9)
+
+    def batch(self, rows: int, waits: Sequence[float], seconds: float) -> None:
+        """One batch of `rows` rows run in `seconds`, its requests having waited `waits` (a BatchObserver)."""
+        self._executions.inc()
+        self._batch.observe(rows)
+        for wait in waits:
+            self._queue.observe(wait)
+        with self._lock:
+            self._inferences += rows
+            self._runs += 1
+            self._last_ms = int(time.time() * 1e3)
+            queue, compute = self._counts["queue"], self._counts["compute_infer"]
+            queue[0] += len(waits)
+            queue[1] += int(sum(waits) * 1e9)
+            compute[0] += len(waits)
+            compute[1] += int(seconds * 1e9) * len(waits)
+            executions = self._batches.setdefault(rows, [0, 0])
+            executions[0] += 1
+            executions[1] += int(seconds * 1e9)
+
+    def statistics(self) -> dict[str, Any]:
+        """The statistics extension's entry for this model version (Triton's JSON; the gRPC
+        `ModelStatistics` message parses from it)."""
+        def duration(pair: Sequence[int]) -> dict[str, int]:
+            return {"count": pair[0], "ns": pair[1]}
+        with self._lock:
+            return {"name": self.name, "version": self.version, "last_inference": self._last_ms,
+                    "inference_count": self._inferences, "execution_count": self._runs,
+                    "inference_stats": {key: duration(pair) for key, pair in self._counts.items()},
+                    "batch_stats": [{"batch_size": rows, "compute_input": duration((runs, 0)),
+                                     "compute_infer": duration((runs, ns)),
+                                     "compute_output": duration((runs, 0))}
+                                    for rows, (runs, ns) in sorted(self._batches.items())]}

@@ -2,18 +2,21 @@
 
 Tensors travel as a datatype string, a shape and either flat data (JSON lists, gRPC typed
 contents) or raw little-endian bytes (the binary tensor data extension, gRPC raw contents). BYTES
-tensors' raw form is each element as a 4-byte little-endian length followed by its bytes.
+tensors' raw form is each element as a 4-byte little-endian length followed by its bytes
+(`tritonclient.utils` encodes and decodes it). Every value is checked against its datatype: a
+value outside the datatype's range or of the wrong kind is refused, never wrapped or rounded.
 """
 
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
+from tritonclient.utils import deserialize_bytes_tensor, serialize_byte_tensor
 
 from hetero.errors import HeteroError, InputError, QueueFullError
 
@@ -23,6 +26,8 @@ DATATYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in [
     ("INT64", np.int64), ("FP16", np.float16), ("FP32", np.float32), ("FP64", np.float64),
     ("BYTES", np.object_)]}
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
+MAX_RANK = 32  # numpy allows 64; no model has more than a handful
+_CHUNK = 1 << 20  # JSON number text parsed this many bytes at a time
 
 
 class ServeError(HeteroError):
@@ -40,6 +45,8 @@ def http_status(error: BaseException) -> int:
         return 400
     if isinstance(error, QueueFullError):
         return 503
+    if isinstance(error, TimeoutError):
+        return 504
     return 500
 
 
@@ -53,6 +60,14 @@ def datatype_of(dtype: np.dtype | None, where: str) -> str:
     return name
 
 
+@dataclass(frozen=True)
+class JsonNumbers:
+    """The text of a flat JSON array of numbers, left unparsed until its datatype is known, so a big
+    request never becomes a list of Python objects (about 32 bytes per number)."""
+
+    text: bytes | memoryview  # between the brackets: "1, 2.5, -3e4"
+
+
 @dataclass
 class InferInput:
     """One input tensor of a request as it arrived: JSON/typed `data` or `raw` bytes."""
@@ -60,96 +75,159 @@ class InferInput:
     name: str
     datatype: str
     shape: tuple[int, ...]
-    data: Sequence[Any] | np.ndarray | None = None
+    data: Sequence[Any] | np.ndarray | JsonNumbers | None = None
     raw: bytes | memoryview | None = None
 
     def decode(self, where: str) -> np.ndarray:
-        """The tensor as a numpy array; the message names the input and what is wrong."""
+        """The tensor as a numpy array (BYTES as an object array of str, as ONNX Runtime takes them);
+        `ServeError` names the input and what is wrong."""
         where = f"{where}: input {self.name!r}"
         dtype = DATATYPES.get(self.datatype)
         if dtype is None:
             raise ServeError(f"{where}: unknown datatype {self.datatype!r}; datatypes are "
                              f"{', '.join(DATATYPES)}")
+        if len(self.shape) > MAX_RANK:
+            raise ServeError(f"{where}: shape has rank {len(self.shape)}; at most {MAX_RANK} dims")
         count = math.prod(self.shape)
         if self.raw is not None:
             array = _from_bytes(self.raw, dtype, count, where)
+        elif isinstance(self.data, JsonNumbers):
+            array = _from_text(self.data.text, dtype, where)
+        elif isinstance(self.data, np.ndarray):
+            array = convert(self.data, dtype, where)
         elif self.data is not None:
-            array = _from_list(self.data, dtype, count, where)
+            array = _from_list(self.data, dtype, where)
         else:
             raise ServeError(f"{where}: no data (give 'data' or binary data)")
+        if array.size != count:
+            raise ServeError(f"{where}: {array.size} data elements, but its shape {list(self.shape)} needs "
+                             f"{count}")
         return array.reshape(self.shape)
 
 
 def _from_bytes(raw: bytes | memoryview, dtype: np.dtype, count: int, where: str) -> np.ndarray:
     if dtype.kind == "O":
-        return np.array(deserialize_bytes(raw, count, where), dtype=object)
+        try:
+            return _texts(deserialize_bytes_tensor(bytes(raw)), where)
+        except Exception:  # struct.error: a length prefix that runs past the end
+            raise ServeError(f"{where}: BYTES data is not a sequence of 4-byte little-endian lengths "
+                             "each followed by that many bytes") from None
     if len(raw) != count * dtype.itemsize:
         raise ServeError(f"{where}: {len(raw)} bytes of binary data, but shape and datatype need "
                          f"{count} x {dtype.itemsize} = {count * dtype.itemsize}")
-    return np.frombuffer(raw, dtype.newbyteorder("<")).astype(dtype, copy=False)
-
-
-def _from_list(data: Sequence[Any], dtype: np.dtype, count: int, where: str) -> np.ndarray:
-    if dtype.kind == "O":
-        items = np.array(data, dtype=object).ravel()
-        if not all(isinstance(x, str | bytes) for x in items):
-            raise ServeError(f"{where}: BYTES data must be strings")
-        array = np.array([x.encode() if isinstance(x, str) else x for x in items], dtype=object)
-    else:
-        try:
-            array = np.array(data).ravel()
-        except ValueError as exc:
-            raise ServeError(f"{where}: data is not a regular array: {exc}") from None
-        if array.size and not _fits(array, dtype):
-            raise ServeError(f"{where}: data of kind {array.dtype} does not match its datatype "
-                             f"{_NAMES[dtype]}")
-        array = array.astype(dtype)
-    if array.size != count:
-        raise ServeError(f"{where}: {array.size} data elements, but its shape needs {count}")
+    array = np.frombuffer(raw, dtype.newbyteorder("<")).astype(dtype, copy=False)
+    if dtype.kind == "b" and array.view(np.uint8).max(initial=0) > 1:
+        raise ServeError(f"{where}: BOOL binary data must be bytes 0 or 1")
     return array
 
 
-def _fits(array: np.ndarray, dtype: np.dtype) -> bool:
-    """JSON numbers may be read as any wider kind: ints as floats, bools only as bools."""
-    allowed = {"b": "b", "u": "bu", "i": "bui", "f": "buif"}[dtype.kind]
-    return array.dtype.kind in allowed and (dtype.kind != "u" or array.dtype.kind != "i" or array.min() >= 0)
+def _texts(items: np.ndarray, where: str) -> np.ndarray:
+    """BYTES elements as str (ONNX strings are UTF-8 text)."""
+    out = np.empty(len(items), dtype=object)
+    for index, item in enumerate(items):
+        if isinstance(item, bytes):
+            try:
+                item = item.decode()
+            except UnicodeDecodeError:
+                raise ServeError(f"{where}: BYTES element {index} is not UTF-8 text") from None
+        elif not isinstance(item, str):
+            raise ServeError(f"{where}: BYTES data must be strings, got {type(item).__name__} at {index}")
+        out[index] = item
+    return out
+
+
+def _from_list(data: Sequence[Any], dtype: np.dtype, where: str) -> np.ndarray:
+    if dtype.kind == "O":
+        try:
+            items = np.array(data, dtype=object).ravel()
+        except (ValueError, RecursionError) as exc:
+            raise ServeError(f"{where}: data is not a regular array: {exc}") from None
+        return _texts(items, where)
+    try:
+        array = np.array(data).ravel()
+    except (ValueError, RecursionError, OverflowError) as exc:
+        raise ServeError(f"{where}: data is not a regular array: {exc}") from None
+    return convert(array, dtype, where)
+
+
+def _from_text(text: bytes | memoryview, dtype: np.dtype, where: str) -> np.ndarray:
+    """Numbers from JSON text, parsed a chunk at a time (orjson) straight into the datatype's array."""
+    pieces, start = [], 0
+    while start < len(text):
+        stop = bytes(text[start + _CHUNK:start + _CHUNK + 64]).find(b",")  # numbers are short
+        stop = len(text) if stop < 0 else start + _CHUNK + stop
+        try:
+            values = orjson.loads(b"".join((b"[", text[start:stop], b"]")))
+        except orjson.JSONDecodeError as exc:
+            raise ServeError(f"{where}: data is not valid JSON: {exc}") from None
+        pieces.append(_from_list(values, dtype, where))
+        start = stop + 1
+    return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, dtype)
+
+
+def convert(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
+    """`array` as `dtype`, refusing values of the wrong kind or outside the datatype's range."""
+    name, kind = _NAMES[dtype], array.dtype.kind
+    if dtype.kind == "O":
+        return _texts(array.ravel(), where)
+    if dtype.kind == "b":
+        if kind != "b" and array.size:
+            raise ServeError(f"{where}: BOOL data must be true or false, got {_sample(array)}")
+        return array.astype(dtype, copy=False)
+    if kind == "O" and all(isinstance(x, int) and not isinstance(x, bool) for x in array.flat):
+        kind = "i"  # Python ints beyond 64 bits: compared exactly below
+        if dtype.kind == "f":
+            try:
+                array, kind = array.astype(np.float64), "f"
+            except OverflowError:
+                raise ServeError(f"{where}: a value is outside {name}'s range") from None
+    elif kind not in "iuf" or (kind == "f" and dtype.kind in "iu" and not _integral(array)):
+        what = "numbers" if dtype.kind == "f" else "integers"
+        raise ServeError(f"{where}: {name} data must be {what}, got {_sample(array)}")
+    if dtype.kind in "iu" and array.size:
+        info = np.iinfo(dtype)
+        low, high = array.min(), array.max()
+        if low < info.min or high > info.max:
+            raise ServeError(f"{where}: value {low if low < info.min else high} is outside {name}'s range "
+                             f"{info.min}..{info.max}")
+    with np.errstate(over="ignore", invalid="ignore"):
+        out = array.astype(dtype, copy=False)
+    if dtype.kind == "f" and kind in "iuf" and array.size:
+        overflow = ~np.isfinite(out) & np.isfinite(array)
+        if overflow.any():
+            raise ServeError(f"{where}: value {array[overflow][0]} is outside {name}'s range "
+                             f"(largest {np.finfo(dtype).max})")
+    return out
+
+
+def _integral(array: np.ndarray) -> bool:
+    with np.errstate(invalid="ignore"):
+        return bool(np.all(np.mod(array, 1) == 0))
+
+
+def _sample(array: np.ndarray) -> str:
+    """The first offending-looking value, for messages."""
+    for value in array.flat:
+        number = isinstance(value, int | float | np.integer | np.floating)
+        if not number or isinstance(value, bool | np.bool_):
+            return repr(value.item() if isinstance(value, np.generic) else value)[:40]
+        if isinstance(value, float | np.floating) and not float(value).is_integer():
+            return repr(float(value))
+    return repr(array.flat[0].item() if array.size else None)[:40]
 
 
 def to_bytes(array: np.ndarray) -> bytes:
     """Raw little-endian bytes of a tensor (length-prefixed elements for BYTES)."""
     if array.dtype.kind in "OSU":
-        return serialize_bytes(array)
+        return serialize_byte_tensor(np.asarray(array, dtype=object)).item() if array.size else b""
     return np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
 
 
-def to_list(array: np.ndarray) -> list[Any]:
-    """Flat JSON data of a tensor (BYTES as UTF-8 text)."""
-    if array.dtype.kind in "OS":
+def to_json(array: np.ndarray) -> np.ndarray | list[Any]:
+    """Flat JSON data of a tensor (numbers as a flat array orjson writes, BYTES as UTF-8 text)."""
+    if array.dtype.kind in "OSU":
         return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in array.ravel()]
-    return array.ravel().tolist()
-
-
-def serialize_bytes(array: np.ndarray) -> bytes:
-    parts = []
-    for item in array.ravel():
-        data = item if isinstance(item, bytes) else str(item).encode()
-        parts += [struct.pack("<I", len(data)), data]
-    return b"".join(parts)
-
-
-def deserialize_bytes(raw: bytes | memoryview, count: int, where: str) -> list[bytes]:
-    items, offset, raw = [], 0, memoryview(raw)
-    while offset < len(raw):
-        if offset + 4 > len(raw):
-            raise ServeError(f"{where}: BYTES data is cut inside an element's length prefix")
-        (size,) = struct.unpack_from("<I", raw, offset)
-        if offset + 4 + size > len(raw):
-            raise ServeError(f"{where}: BYTES element {len(items)} claims {size} bytes past the end")
-        items.append(bytes(raw[offset + 4:offset + 4 + size]))
-        offset += 4 + size
-    if len(items) != count:
-        raise ServeError(f"{where}: {len(items)} BYTES elements, but its shape needs {count}")
-    return items
+    return np.ascontiguousarray(array).ravel()
 
 
 def dims(shape: Sequence[int | str | None] | None) -> list[int]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Future
@@ -31,7 +33,10 @@ from hetero.serve.protocol import InferInput, ServeError, datatype_of, dims
 log = logging.getLogger("hetero.serve")
 
 READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNLOADING"
+UNLOADED = "unloaded"
 MODEL_FILE = "model.onnx"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_ABSOLUTE = re.compile(r"(?<![^\s'\"(=])/(?:[^\s/'\"]+/)*[^\s/'\"]+")  # /a/b at a word's start
 
 
 class ServedModel:
@@ -43,18 +48,26 @@ class ServedModel:
         self.inputs = {info.name: info for info in model.inputs}
         self.outputs = config.outputs or model.output_names
         _check(self, config)
+        numeric = all(info.dtype is not None and info.dtype.kind in "biuf" for info in model.inputs)
         self.pool = ReplicaPool.build(model, replicas=config.replicas or (
             [config.executors] if config.executors else None), cpu_streams=config.cpu_streams,
-            policy=config.policy)
+            policy=config.policy, warmup=numeric)  # warm-up makes random inputs: numbers only
+        self.stats = metrics.model(name, version)
         batching = config.dynamic_batching
         self.batcher = Batcher(
             self.pool, self.label, max_batch_size=config.max_batch_size if batching else 0,
             delay_s=batching.max_queue_delay_microseconds / 1e6 if batching else 0.0,
             preferred=batching.preferred_batch_size if batching else (), max_queue_size=config.max_queue_size,
-            observe=metrics.batch_observer(name, version))
+            observe=self.stats.batch)
 
     def infer(self, inputs: Sequence[InferInput], outputs: Sequence[str] | None) -> Future:
-        """Check and decode a request's tensors and queue it; bad requests raise at once."""
+        """Check, decode and queue a request; bad requests raise at once."""
+        return self.submit(*self.decode(inputs, outputs))
+
+    def decode(self, inputs: Sequence[InferInput], outputs: Sequence[str] | None
+               ) -> tuple[dict[str, np.ndarray], list[str]]:
+        """A request's tensors checked against the model and decoded, and the outputs it wants;
+        `ServeError` (400) names the input or output at fault."""
         arrays: dict[str, np.ndarray] = {}
         for tensor in inputs:
             info = self.inputs.get(tensor.name)
@@ -82,6 +95,10 @@ class ServedModel:
             if rows and not 1 <= min(rows) <= self.config.max_batch_size:
                 raise ServeError(f"model {self.label!r}: batch size (dim 0) {min(rows)} is outside 1.."
                                  f"{self.config.max_batch_size} (max_batch_size)")
+        return arrays, wanted
+
+    def submit(self, arrays: dict[str, np.ndarray], wanted: list[str]) -> Future:
+        """Queue decoded tensors; the Future gives the outputs (cancel it to drop a waiting request)."""
         return self.batcher.submit(arrays, wanted)
 
     def metadata(self, versions: Sequence[str]) -> dict[str, Any]:
@@ -122,9 +139,9 @@ class ServedModel:
     def config_proto(self) -> model_config_pb2.ModelConfig:
         return json_format.ParseDict(self.triton_config(), model_config_pb2.ModelConfig())
 
-    def close(self) -> None:
-        """Finish every queued request, then release the replicas."""
-        self.batcher.close()
+    def close(self, timeout_s: float = 30.0) -> None:
+        """Finish every queued request (for at most `timeout_s`), then release the replicas."""
+        self.batcher.close(timeout_s)
 
 
 def _check(served: ServedModel, config: ModelConfig) -> None:
@@ -147,7 +164,11 @@ def _check(served: ServedModel, config: ModelConfig) -> None:
 
 
 class Repository:
-    """Models under `root`, loaded and unloaded by name; each version served by a `ServedModel`."""
+    """Models under `root`, loaded and unloaded by name; each version served by a `ServedModel`.
+
+    A model name is checked before it touches the file system (letters, digits, `_`, `-`, `.`, not
+    starting with a dot), and no message a client sees carries a file-system path.
+    """
 
     def __init__(self, root: str | Path, metrics: Metrics):
         self.root = Path(root)
@@ -158,10 +179,12 @@ class Repository:
         self._states: dict[str, dict[str, tuple[str, str]]] = {}  # model -> version -> (state, reason)
         self._lock = threading.Lock()  # guards the two dicts
         self._changing = threading.Lock()  # one load or unload at a time
+        self._paths = re.compile("|".join(re.escape(f"{p}{os.sep}") for p in {str(self.root),
+                                                                             str(self.root.resolve())}))
 
     def names(self) -> list[str]:
         """Every model folder in the repository, and every model still loaded from one since removed."""
-        found = {p.name for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+        found = {p.name for p in self.root.iterdir() if p.is_dir() and _NAME.fullmatch(p.name)}
         return sorted(found | set(self._served))
 
     def load_all(self) -> None:
@@ -174,11 +197,10 @@ class Repository:
 
         A reload where no version loads leaves the old ones serving; the error goes to the caller.
         """
-        folder = self.root / name
-        if not (folder.is_dir() and name == folder.name) or name.startswith("."):
+        if not _NAME.fullmatch(name) or not (self.root / name).is_dir():
             raise ServeError(f"model repository has no model {name!r}", 404)
         with self._changing:
-            loaded, states = self._load_versions(name, folder)
+            loaded, states = self._load_versions(name, self.root / name)
             with self._lock:
                 old = self._served.get(name, {})
                 if loaded or not old:
@@ -201,10 +223,10 @@ class Repository:
                                                                dict[str, tuple[str, str]]]:
         """Every version the config selects, with the state of each (errors recorded, not raised)."""
         try:
-            config = ModelConfig.read(folder / "config.yaml")
+            config = ModelConfig.read(folder / "config.yaml", f"{name}/config.yaml")
             versions = _versions(folder, config)
         except ModelError as exc:
-            return {}, {"": (UNAVAILABLE, str(exc))}
+            return {}, {"": (UNAVAILABLE, self._public(str(exc)))}
         with self._lock:
             if not self._served.get(name):
                 self._states[name] = {v: (LOADING, "") for v in versions}
@@ -215,10 +237,14 @@ class Repository:
                 loaded[version] = ServedModel(name, version, model, config, self.metrics)
                 states[version] = (READY, "")
             except Exception as exc:
-                states[version] = (UNAVAILABLE, str(exc))
+                states[version] = (UNAVAILABLE, self._public(str(exc)))
         return loaded, states
 
-    def unload(self, name: str) -> None:
+    def _public(self, message: str) -> str:
+        """`message` with the repository's own path dropped and any other absolute path hidden."""
+        return _ABSOLUTE.sub("<path>", self._paths.sub("", message))
+
+    def unload(self, name: str, timeout_s: float = 30.0) -> None:
         """Stop taking requests for the model, finish those queued, release its replicas."""
         with self._changing:
             with self._lock:
@@ -227,13 +253,15 @@ class Repository:
                 served = self._served.pop(name, {})
                 self._states[name] = {v: (UNLOADING, "") for v in served}
             for model in served.values():
-                model.close()
+                model.close(timeout_s)
             with self._lock:
-                self._states[name] = {v: (UNAVAILABLE, "unloaded") for v in served or [""]}
+                self._states[name] = {v: (UNAVAILABLE, UNLOADED) for v in served or [""]}
             log.info("model unloaded", extra={"fields": {"model": name}})
 
     def get(self, name: str, version: str = "") -> ServedModel:
-        """The served version (the highest when `version` is empty); 404 unknown, 503 not ready."""
+        """The served version (the highest when `version` is empty); 404 unknown, 503 not ready.
+
+        Answers from what was loaded, never from the file system."""
         with self._lock:
             served = self._served.get(name, {})
             states = self._states.get(name)
@@ -241,12 +269,9 @@ class Repository:
             return served[version]
         if not version and served:
             return served[max(served, key=int)]
-        label = f"model {name!r}" + (f" version {version!r}" if version else "")
         if states is None:
-            if not (self.root / name).is_dir():
-                raise ServeError(f"unknown model {name!r}; models are {', '.join(self.names()) or '(none)'}",
-                                 404)
-            raise ServeError(f"{label} is not loaded", 503)
+            raise ServeError(f"unknown model {name!r}", 404)
+        label = f"model {name!r}" + (f" version {version!r}" if version else "")
         if version in states or "" in states:
             state, reason = states.get(version) or states[""]
         elif version:
@@ -276,11 +301,16 @@ class Repository:
         with self._lock:
             return [m for versions in self._served.values() for m in versions.values()]
 
-    def close(self) -> None:
+    def all_ready(self) -> bool:
+        """Every model loaded at start or since is ready (models unloaded on request do not count)."""
+        with self._lock:
+            return all(state == READY or reason == UNLOADED
+                       for versions in self._states.values() for state, reason in versions.values())
+
+    def close(self, timeout_s: float = 30.0) -> None:
         """Unload everything, finishing queued requests."""
         for name in list(self._served):
-            self.unload(name)
-
+            self.unload(name, timeout_s)
 
 
 def _versions(folder: Path, config: ModelConfig) -> list[str]:
@@ -288,5 +318,5 @@ def _versions(folder: Path, config: ModelConfig) -> list[str]:
                        if p.is_dir() and p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILE).is_file()),
                       key=int)
     if not versions:
-        raise ModelError(f"model {folder.name!r}: no version folder {folder}/<N>/{MODEL_FILE}")
+        raise ModelError(f"model {folder.name!r}: no version folder {folder.name}/<N>/{MODEL_FILE}")
     return versions if config.version_policy == "all" else versions[-1:]

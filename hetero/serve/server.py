@@ -8,8 +8,10 @@ new requests, the requests in flight finish, then every model finishes its queue
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
+import resource
 import signal
 import socket
 import threading
@@ -26,13 +28,14 @@ from tritonclient.grpc import service_pb2_grpc
 import hetero
 from hetero.serve.grpc_api import InferenceService
 from hetero.serve.http_api import build_app
+from hetero.serve.limits import ByteBudget, HttpProtocol
 from hetero.serve.metrics import Metrics
 from hetero.serve.protocol import InferInput, ServeError, http_status
 from hetero.serve.repository import Repository, ServedModel
 
 log = logging.getLogger("hetero.serve")
 
-EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration"]
+EXTENSIONS = ["binary_tensor_data", "model_repository", "model_configuration", "statistics"]
 MiB = 1 << 20
 
 
@@ -40,19 +43,31 @@ class Server:
     """A KServe v2 / Open Inference Protocol server for the models under `repository`.
 
     Ports may be 0 (any free port); `http_port` and `grpc_port` hold the bound ones after `start`.
-    With `api_key`, every call but health and metrics needs `Authorization: Bearer KEY` or
-    `api-key: KEY` (HTTP header or gRPC metadata).
+    With `api_key`, every call but server health (live, ready) and metrics needs `Authorization:
+    Bearer KEY` or `api-key: KEY` (HTTP header or gRPC metadata).
+
+    Limits: `max_request_bytes` per request body (413 beyond); `max_inflight_bytes` across all
+    requests, each counting twice its body (503 beyond); `max_connections` open HTTP connections
+    and gRPC calls in progress (default: half the process's file limit, at most 1024); request
+    headers within `header_timeout_s`, the body within `body_timeout_s` (408); idle connections
+    closed after `idle_timeout_s`.
     """
 
     def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, api_key: str | None = None, max_request_bytes: int = 64 * MiB,
-                 body_timeout_s: float = 30.0, shutdown_timeout_s: float = 30.0):
+                 max_inflight_bytes: int = 1024 * MiB, max_connections: int | None = None,
+                 header_timeout_s: float = 10.0, body_timeout_s: float = 30.0, idle_timeout_s: float = 60.0,
+                 shutdown_timeout_s: float = 30.0):
         self.metrics = Metrics()
         self.repository = Repository(repository, self.metrics)
         self.host, self.http_port, self.grpc_port = host, http_port, grpc_port
         self.api_key = api_key or None
         self.max_request_bytes = max_request_bytes
-        self.body_timeout_s = body_timeout_s
+        self.budget = ByteBudget(max_inflight_bytes)
+        self.max_connections = max_connections or max(16, min(1024, resource.getrlimit(
+            resource.RLIMIT_NOFILE)[0] // 2))
+        self.header_timeout_s, self.body_timeout_s = header_timeout_s, body_timeout_s
+        self.idle_timeout_s = idle_timeout_s
         self.shutdown_timeout_s = shutdown_timeout_s
         self.ready = False
         self._thread: threading.Thread | None = None
@@ -89,7 +104,7 @@ class Server:
             return
         self._loop.call_soon_threadsafe(self._stop.set)
         thread.join()
-        self.repository.close()
+        self.repository.close(self.shutdown_timeout_s)
         log.info("stopped")
 
     def serve_forever(self) -> None:
@@ -105,11 +120,14 @@ class Server:
 
     async def _main(self, started: Future) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop.set_exception_handler(_QuietErrors().handle)
         self._stop = asyncio.Event()
         rpc = None
         try:
-            rpc = grpc.aio.server(options=[("grpc.max_receive_message_length", self.max_request_bytes),
-                                           ("grpc.max_send_message_length", -1)])
+            rpc = grpc.aio.server(maximum_concurrent_rpcs=self.max_connections, options=[
+                ("grpc.max_receive_message_length", self.max_request_bytes),
+                ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0),
+                ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1e3))])
             service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self), rpc)
             try:
                 self.grpc_port = rpc.add_insecure_port(f"{self.host}:{self.grpc_port}")
@@ -120,8 +138,12 @@ class Server:
                                             if ":" in self.host else socket.AF_INET)
             except OSError as exc:
                 raise OSError(f"cannot listen for HTTP on {self.host}:{self.http_port}: {exc}") from None
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # accepted sockets inherit it
             self.http_port = sock.getsockname()[1]
-            config = uvicorn.Config(build_app(self), log_config=None, access_log=False, lifespan="off",
+            protocol = functools.partial(HttpProtocol, max_connections=self.max_connections,
+                                         header_timeout_s=self.header_timeout_s)
+            config = uvicorn.Config(build_app(self), http=protocol, log_config=None, access_log=False,
+                                    lifespan="off", timeout_keep_alive=int(max(1, self.idle_timeout_s)),
                                     timeout_graceful_shutdown=self.shutdown_timeout_s)
             http = uvicorn.Server(config)
             await rpc.start()
@@ -155,25 +177,72 @@ class Server:
     def metadata(self) -> dict:
         return {"name": "hetero", "version": hetero.__version__, "extensions": EXTENSIONS}
 
+    def is_ready(self) -> bool:
+        """Listening, and every model that should be loaded is ready."""
+        return self.ready and self.repository.all_ready()
+
+    def statistics(self, name: str, version: str) -> list[dict]:
+        """The statistics extension's entries: every loaded model version, or those of `name`."""
+        if name:
+            self.repository.get(name, version)  # 404 or 503 for a model or version not served
+            versions = [version] if version else self.repository.versions(name)
+            models = [self.repository.get(name, v) for v in versions]
+        else:
+            models = self.repository.ready()
+        return [m.stats.statistics() for m in models]
+
     async def infer(self, protocol: str, name: str, version: str, inputs: Sequence[InferInput],
-                    outputs: Sequence[str] | None) -> tuple[ServedModel, dict[str, np.ndarray]]:
-        """Run one request on a served model; counts it and logs one line, whatever the outcome."""
+                    outputs: Sequence[str] | None, *, timeout_s: float | None = None,
+                    offload: bool = False) -> tuple[ServedModel, dict[str, np.ndarray]]:
+        """Run one request on a served model within `timeout_s` (504 past it; a request still queued
+        then is dropped); `offload` decodes its tensors off the event loop. Counts the request and
+        logs one line, whatever the outcome."""
         start = time.perf_counter()
         served: ServedModel | None = None
         error: BaseException | None = None
+        deadline = asyncio.timeout(timeout_s)
         try:
-            served = self.repository.get(name, version)
-            return served, await asyncio.wrap_future(served.infer(inputs, outputs))
+            async with deadline:
+                served = self.repository.get(name, version)
+                decoded = await asyncio.to_thread(served.decode, inputs, outputs) if offload else \
+                    served.decode(inputs, outputs)
+                return served, await asyncio.wrap_future(served.submit(*decoded))
         except BaseException as exc:
             error = exc
+            if isinstance(exc, TimeoutError) and deadline.expired():
+                error = ServeError(f"model {name!r}: no answer within the request's timeout of "
+                                   f"{timeout_s * 1e3:g} ms", 504)
+                raise error from None
             raise
         finally:
             seconds = time.perf_counter() - start
             if served is not None:
-                self.metrics.request(served.name, served.version, seconds, error is None)
-            fields = {"protocol": protocol, "model": name, "version": served.version if served else version,
-                      "status": 200 if error is None else http_status(error),
-                      "latency_ms": round(seconds * 1e3, 3)}
-            if error is not None:
-                fields["error"] = str(error)
-            log.info("infer", extra={"fields": fields})
+                served.stats.request(seconds, error is None)
+            if log.isEnabledFor(logging.INFO):
+                fields = {"protocol": protocol, "model": name,
+                          "version": served.version if served else version,
+                          "status": 200 if error is None else http_status(error),
+                          "latency_ms": round(seconds * 1e3, 3)}
+                if error is not None:
+                    fields["error"] = str(error) or type(error).__name__
+                log.info("infer", extra={"fields": fields})
+
+
+class _QuietErrors:
+    """The event loop's handler for errors nothing awaited (a failed accept when out of file
+    descriptors, a connection reset): one line each, at most one a second, never a traceback."""
+
+    def __init__(self) -> None:
+        self.last = 0.0
+        self.dropped = 0
+
+    def handle(self, loop: asyncio.AbstractEventLoop, context: dict) -> None:
+        now = time.monotonic()
+        if now - self.last < 1.0:
+            self.dropped += 1
+            return
+        error = context.get("exception")
+        log.warning("event loop error", extra={"fields": {
+            "message": context.get("message", ""), "dropped": self.dropped,
+            "error": f"{type(error).__name__}: {error}" if error else ""}})
+        self.last, self.dropped = now, 0
