@@ -120,6 +120,7 @@ def build_app(server: Server) -> FastAPI:
     async def metrics() -> Response:
         return Response(server.metrics.text(), media_type=CONTENT_TYPE_LATEST)
 
+    @private.get("/v2/")
     @private.get("/v2")
     async def server_metadata() -> Response:
         return _json(server.metadata())

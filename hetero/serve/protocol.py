@@ -136,7 +136,8 @@ def _texts(items: np.ndarray, where: str) -> np.ndarray:
     return out
 
 
-def _from_list(data: Sequence[Any], dtype: np.dtype, where: str) -> np.ndarray:
+def _from_list(data: Sequence[Any], dtype: np.dtype, where: str, *, literals: bool = True) -> np.ndarray:
+    """Parsed JSON (or typed contents) as `dtype`; `literals`: true/false may be among the numbers."""
     if dtype.kind == "O":
         try:
             items = np.array(data, dtype=object).ravel()
@@ -145,6 +146,13 @@ def _from_list(data: Sequence[Any], dtype: np.dtype, where: str) -> np.ndarray:
         return _texts(items, where)
     try:
         array = np.array(data).ravel()
+        # numpy reads true as 1 beside numbers, and ints past int64 beside small ones as float64:
+        # look at the Python values themselves then
+        if (literals and dtype.kind != "b" and array.dtype.kind in "iuf") or (
+                array.dtype.kind == "f" and dtype.kind in "iu"):
+            values = np.array(data, dtype=object).ravel()
+            if (array.dtype.kind == "f" and dtype.kind in "iu") or any(isinstance(x, bool) for x in values):
+                array = values
     except (ValueError, RecursionError, OverflowError) as exc:
         raise ServeError(f"{where}: data is not a regular array: {exc}") from None
     return convert(array, dtype, where)
@@ -160,7 +168,7 @@ def _from_text(text: bytes | memoryview, dtype: np.dtype, where: str) -> np.ndar
             values = orjson.loads(b"".join((b"[", text[start:stop], b"]")))
         except orjson.JSONDecodeError as exc:
             raise ServeError(f"{where}: data is not valid JSON: {exc}") from None
-        pieces.append(_from_list(values, dtype, where))
+        pieces.append(_from_list(values, dtype, where, literals=False))  # the cut text has no letters
         start = stop + 1
     return pieces[0] if len(pieces) == 1 else np.concatenate(pieces) if pieces else np.empty(0, dtype)
 
@@ -174,20 +182,22 @@ def convert(array: np.ndarray, dtype: np.dtype, where: str) -> np.ndarray:
         if kind != "b" and array.size:
             raise ServeError(f"{where}: BOOL data must be true or false, got {_sample(array)}")
         return array.astype(dtype, copy=False)
-    if kind == "O" and all(isinstance(x, int) and not isinstance(x, bool) for x in array.flat):
-        kind = "i"  # Python ints beyond 64 bits: compared exactly below
-        if dtype.kind == "f":
+    if kind == "O" and all(isinstance(x, int | float) and not isinstance(x, bool) for x in array.flat):
+        if dtype.kind in "iu" and all(isinstance(x, int) for x in array.flat):
+            kind = "i"  # Python ints, compared exactly below
+        else:
             try:
                 array, kind = array.astype(np.float64), "f"
             except OverflowError:
                 raise ServeError(f"{where}: a value is outside {name}'s range") from None
-    elif kind not in "iuf" or (kind == "f" and dtype.kind in "iu" and not _integral(array)):
+    if kind not in "iuf" or (kind == "f" and dtype.kind in "iu" and not _integral(array)):
         what = "numbers" if dtype.kind == "f" else "integers"
         raise ServeError(f"{where}: {name} data must be {what}, got {_sample(array)}")
     if dtype.kind in "iu" and array.size:
         info = np.iinfo(dtype)
         low, high = array.min(), array.max()
-        if low < info.min or high > info.max:
+        past = float(info.max) + 1 if kind == "f" else info.max + 1  # floats: 2**63 - 1 rounds to 2**63
+        if low < info.min or high >= past:
             raise ServeError(f"{where}: value {low if low < info.min else high} is outside {name}'s range "
                              f"{info.min}..{info.max}")
     with np.errstate(over="ignore", invalid="ignore"):
@@ -213,7 +223,8 @@ def _sample(array: np.ndarray) -> str:
             return repr(value.item() if isinstance(value, np.generic) else value)[:40]
         if isinstance(value, float | np.floating) and not float(value).is_integer():
             return repr(float(value))
-    return repr(array.flat[0].item() if array.size else None)[:40]
+    first = array.flat[0] if array.size else None
+    return repr(first.item() if isinstance(first, np.generic) else first)[:40]
 
 
 def to_bytes(array: np.ndarray) -> bytes:
