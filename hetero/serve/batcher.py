@@ -71,12 +71,12 @@ class Batcher:
         with self._cond:
             if self._closing:
                 raise ServeError(f"model {self.label!r} is unloading", 503)
-            self._drop_cancelled()
             if len(self._pending) >= self.max_queue_size:
                 raise QueueFullError(f"model {self.label!r}: {self.max_queue_size} requests already queued "
                                      "(max_queue_size); try again later")
             self._pending.append(request)
             self._cond.notify()
+        request.future.add_done_callback(lambda future: self._forget(request) if future.cancelled() else None)
         return request.future
 
     def close(self, timeout_s: float = 30.0) -> None:
@@ -106,16 +106,16 @@ class Batcher:
                 return
             self._run(batch)
 
-    def _drop_cancelled(self) -> None:
-        if any(r.future.cancelled() for r in self._pending):
-            self._pending = deque(r for r in self._pending if not r.future.cancelled())
+    def _forget(self, request: _Request) -> None:
+        """Drop a request cancelled while it waits (its client gone or past its deadline)."""
+        with self._cond, contextlib.suppress(ValueError):
+            self._pending.remove(request)
 
     def _next_batch(self) -> list[_Request] | None:
         """Wait (holding the condition) until a batch is due; None once closing and drained.
 
         The requests returned are marked running, so none of them can be cancelled any more."""
         while True:
-            self._drop_cancelled()
             if not self._pending:
                 if self._closing:
                     return None
@@ -134,7 +134,7 @@ class Batcher:
                     group = group[:preferred[-1] + 1]
                 for request in group:
                     self._pending.remove(request)
-            batch = [r for r in group if r.future.set_running_or_notify_cancel()]
+            batch = [r for r in group if r.future.set_running_or_notify_cancel()]  # cancelled: dropped
             if batch:
                 return batch
 

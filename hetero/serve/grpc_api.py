@@ -20,7 +20,7 @@ from google.protobuf import json_format
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
-from hetero.errors import ModelError
+from hetero.errors import HeteroError, ModelError
 from hetero.serve.protocol import (
     DATATYPES,
     MAX_RANK,
@@ -28,6 +28,7 @@ from hetero.serve.protocol import (
     ServeError,
     datatype_of,
     http_status,
+    public_message,
     to_bytes,
 )
 
@@ -61,12 +62,12 @@ def _rpc(*, open_: bool = False) -> Callable[[Handler], Handler]:
                     self.server.authorize(dict(context.invocation_metadata() or ()))
                 return await method(self, request, context)
             except Exception as exc:
-                status = http_status(exc)
-                if status >= 500 and status not in _CODES:
+                if not isinstance(exc, HeteroError):
                     log.error("internal error", exc_info=exc, extra={"fields": {"rpc": method.__name__}})
                     await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); "
                                         "the server log has the details")
-                await context.abort(_CODES[status], str(exc))
+                code = _CODES.get(http_status(exc), grpc.StatusCode.INTERNAL)
+                await context.abort(code, public_message(exc))
         return call
     return wrap
 

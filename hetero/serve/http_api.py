@@ -34,6 +34,7 @@ from hetero.serve.protocol import (
     ServeError,
     datatype_of,
     http_status,
+    public_message,
     to_bytes,
     to_json,
 )
@@ -201,7 +202,7 @@ def build_app(server: Server) -> FastAPI:
 
     @app.exception_handler(HeteroError)
     async def refused(request: Request, exc: HeteroError) -> Response:
-        return _json({"error": str(exc)}, http_status(exc))
+        return _json({"error": public_message(exc)}, http_status(exc))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:

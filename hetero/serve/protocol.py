@@ -10,6 +10,7 @@ value outside the datatype's range or of the wrong kind is refused, never wrappe
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -28,6 +29,7 @@ DATATYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in [
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
 MAX_RANK = 32  # numpy allows 64; no model has more than a handful
 _CHUNK = 1 << 20  # JSON number text parsed this many bytes at a time
+_ABSOLUTE_PATH = re.compile(r"(?<![^\s'\"(=])/(?:[^\s/'\"]+/)*[^\s/'\"]+")  # /a/b at a word's start
 
 
 class ServeError(HeteroError):
@@ -36,6 +38,11 @@ class ServeError(HeteroError):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+def public_message(error: BaseException) -> str:
+    """What a client is told of an error: its message with every absolute file-system path hidden."""
+    return _ABSOLUTE_PATH.sub("<path>", str(error)) or type(error).__name__
 
 
 def http_status(error: BaseException) -> int:

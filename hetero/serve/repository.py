@@ -28,7 +28,7 @@ from hetero.runtime import ReplicaPool
 from hetero.serve.batcher import Batcher
 from hetero.serve.config import ModelConfig
 from hetero.serve.metrics import Metrics
-from hetero.serve.protocol import InferInput, ServeError, datatype_of, dims
+from hetero.serve.protocol import InferInput, ServeError, datatype_of, dims, public_message
 
 log = logging.getLogger("hetero.serve")
 
@@ -36,7 +36,6 @@ READY, UNAVAILABLE, LOADING, UNLOADING = "READY", "UNAVAILABLE", "LOADING", "UNL
 UNLOADED = "unloaded"
 MODEL_FILE = "model.onnx"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-_ABSOLUTE = re.compile(r"(?<![^\s'\"(=])/(?:[^\s/'\"]+/)*[^\s/'\"]+")  # /a/b at a word's start
 
 
 class ServedModel:
@@ -242,7 +241,7 @@ class Repository:
 
     def _public(self, message: str) -> str:
         """`message` with the repository's own path dropped and any other absolute path hidden."""
-        return _ABSOLUTE.sub("<path>", self._paths.sub("", message))
+        return public_message(ModelError(self._paths.sub("", message)))
 
     def unload(self, name: str, timeout_s: float = 30.0) -> None:
         """Stop taking requests for the model, finish those queued, release its replicas."""
