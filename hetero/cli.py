@@ -317,6 +317,8 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
           api_key: Annotated[str | None, typer.Option(
               envvar="HETERO_API_KEY", help="Key every call but health and metrics must carry.")] = None,
           max_request_mb: Annotated[float, typer.Option(help="Largest request body, MiB.")] = 64.0,
+          max_inflight_mb: Annotated[float, typer.Option(
+              help="Request bytes all clients may hold at once (each body counts twice), MiB.")] = 1024.0,
           imports: Annotated[list[str] | None, typer.Option(
               "--import", help="Module to import first (one registering custom ops); repeatable.")] = None,
           log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info") -> None:
@@ -330,7 +332,8 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
         for module in imports or []:
             importlib.import_module(module)
         Server(repository, host=host, http_port=port, grpc_port=grpc_port, api_key=api_key,
-               max_request_bytes=int(max_request_mb * (1 << 20))).serve_forever()
+               max_request_bytes=int(max_request_mb * (1 << 20)),
+               max_inflight_bytes=int(max_inflight_mb * (1 << 20))).serve_forever()
     except (hetero.HeteroError, OSError, ImportError) as exc:
         _fail(exc)
 

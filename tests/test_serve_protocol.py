@@ -257,10 +257,11 @@ def test_clients_learn_nothing_of_the_host(server: Server, tmp_path: Path) -> No
     for name in ("/etc", "/nonexistent", "../../etc", "all_types/../big"):
         with pytest.raises(InferenceServerException) as caught:
             client.get_model_metadata(name)
-        answers.append((caught.value.status(), caught.value.message().replace(repr(name), "NAME")))
+        message = caught.value.message().replace(repr(name), "NAME").replace("'<path>'", "NAME")
+        answers.append((caught.value.status(), message))
     assert len(set(answers)) == 1 and answers[0][0] == "StatusCode.NOT_FOUND", answers
     assert "all_types" not in answers[0][1] and "big" not in answers[0][1]
-    with pytest.raises(InferenceServerException, match="no model '/etc'"):
+    with pytest.raises(InferenceServerException, match="has no model"):
         client.load_model("/etc")
     response = httpx.get(f"http://127.0.0.1:{server.http_port}/v2/models/nope/ready")
     assert response.status_code == 404 and "all_types" not in response.text

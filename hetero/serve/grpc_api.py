@@ -58,7 +58,7 @@ def _rpc(*, open_: bool = False) -> Callable[[Handler], Handler]:
         @functools.wraps(method)
         async def call(self: InferenceService, request: Any, context: grpc.aio.ServicerContext) -> Any:
             try:
-                if not open_:
+                if not open_ and self.server.api_key is not None:
                     self.server.authorize(dict(context.invocation_metadata() or ()))
                 return await method(self, request, context)
             except Exception as exc:
