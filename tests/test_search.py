@@ -194,5 +194,5 @@ def test_described_devices_sketch_a_plan_with_estimates(tmp_path):
     with pytest.raises(hetero.ExecutorUnavailableError, match="described"):
         described[0].compile(model.proto)
     (tmp_path / "bad.json").write_text('{"devices": [{"executor": "x@cuda:0"}]}')
-    with pytest.raises(hetero.PlanError, match=r"devices\[0\]: missing field 'peak_gflops'"):
+    with pytest.raises(hetero.PlanError, match=r"devices\[0\]: needs 'like' and 'speed'.*'peak_gflops'"):
         load_described(tmp_path / "bad.json")

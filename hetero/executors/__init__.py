@@ -30,10 +30,11 @@ BUILTIN: dict[str, tuple[str, str]] = {
     "openvino": ("hetero.executors.openvino_executor", "OpenVinoExecutor"),
     "torch": ("hetero.executors.torch_executor", "TorchExecutor"),
     "opencl": ("hetero.executors.opencl_executor", "OpenCLExecutor"),
+    "sim": ("hetero.executors.sim_executor", "SimExecutor"),
     "numpy": ("hetero.executors.numpy_executor", "NumpyExecutor"),
 }
 EXTRAS = {"cupy": "cuda", "onnxruntime": "onnxruntime", "openvino": "openvino", "torch": "torch",
-          "opencl": "opencl", "numpy": ""}
+          "opencl": "opencl", "sim": "", "numpy": ""}
 
 
 @dataclass(frozen=True)

@@ -1,44 +1,34 @@
-"""Devices that are not on this host, described by their figures, so plans can be sketched for
+"""Devices that are not on this host, sketched from a devices file, so plans can be drawn for
 hardware you do not have (yet): "what if this server had an A100 next to its CPU?".
 
-A profile file (YAML or JSON) lists them:
-
-    devices:
-      - executor: torch@cuda:0      # library@device it would be driven by
-        like: torch                 # an installed library whose capability it borrows (optional)
-        peak_gflops: 60000
-        bandwidth_gbs: 1500
-        overhead_us: 20             # cost of one partition call
-        link_gbs: 24                # its link to host memory (PCIe)
-        link_us: 10
-
-The planner places nodes on them and estimates times with the roofline; nothing runs on them.
+It is the file `--simulate` runs (format: `hetero.executors.sim_executor.read_devices` and the
+README): an entry with roofline figures is estimated from them; one declared as a speed relative
+to a host library (`like`, `speed`) from that library's probed roofline scaled by the speed.
+Sketched devices are planned for and estimated; nothing runs on them.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
 
 import onnx
 
-from hetero import executors as executor_registry
 from hetero.errors import ExecutorUnavailableError, PlanError
-from hetero.executors import CompiledPartition, Device, Executor, ExecutorInfo
+from hetero.executors import CompiledPartition, Device, Executor, ExecutorInfo, resolve
+from hetero.executors.sim_executor import DeviceSpec, read_devices
 from hetero.graph import Model, Node
-from hetero.planner.cost import ExecutorProfile
+from hetero.planner.cost import ExecutorProfile, probe
 
 
 class DescribedExecutor(Executor):
-    """An executor known only from a profile file: it can be planned for, not run."""
+    """An executor known only from a devices file: it can be planned for, not run."""
 
     extra = ""
-    accelerator = True
 
     def __init__(self, library: str, device: Device, like: Executor | None):
         super().__init__(device)
         self.library = library
+        self.accelerator = device.kind != "cpu"
         self._like = like
 
     @classmethod
@@ -47,7 +37,7 @@ class DescribedExecutor(Executor):
 
     def info(self) -> ExecutorInfo:
         return ExecutorInfo(self.name, self.library, "described", str(self.device),
-                            "described in a profile", 0, "fp32")
+                            "described in a devices file", 0, "fp32")
 
     def supports_op(self, node: Node, model: Model) -> bool:
         if self._like is not None:
@@ -55,48 +45,43 @@ class DescribedExecutor(Executor):
         return node.domain == ""
 
     def compile(self, part: onnx.ModelProto) -> CompiledPartition:
-        raise ExecutorUnavailableError(f"{self.name} is described in a profile, not present: it can be "
-                                       "planned for, not run")
+        raise ExecutorUnavailableError(f"{self.name} is described in a devices file, not present: it can be "
+                                       "planned for, not run (hetero ... --simulate FILE runs a simulation)")
 
 
 def load_described(path: str | Path) -> tuple[list[Executor], dict[str, ExecutorProfile]]:
-    """Executors and roofline profiles from a profile file."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise PlanError(f"device profile {str(path)!r} cannot be read: {exc}") from exc
-    data = json.loads(text) if path.suffix == ".json" else _yaml(text, path)
-    entries = data.get("devices") if isinstance(data, dict) else None
-    if not isinstance(entries, list) or not entries:
-        raise PlanError(f"device profile {str(path)!r}: expected a 'devices' list")
+    """Executors and roofline profiles for what a devices file declares: the cards (named by their
+    `executor` field, else `sim@sim:N`) and a declared host CPU (`sim@cpu`)."""
+    devices = read_devices(path)
+    entries: list[tuple[str, Device, DeviceSpec]] = []
+    if devices.host is not None:
+        entries.append(("sim", Device("cpu"), devices.host))
+    first: dict[int, int] = {}
+    for device, spec in devices.cards():
+        if spec.executor:
+            library, _, named = spec.executor.partition("@")
+            base = Device.parse(named or "cpu")
+            offset = device.index - first.setdefault(id(spec), device.index)
+            entries.append((library, Device(base.kind, base.index + offset), spec))
+        else:
+            entries.append(("sim", device, spec))
     executors: list[Executor] = []
     profiles: dict[str, ExecutorProfile] = {}
-    for index, entry in enumerate(entries):
-        where = f"device profile {str(path)!r}, devices[{index}]"
+    for library, device, spec in entries:
         try:
-            library, _, device = str(entry["executor"]).partition("@")
-            like = executor_registry.resolve([entry["like"]])[0] if entry.get("like") else None
-            executor = DescribedExecutor(library, Device.parse(device or "cpu"), like)
-            profiles[executor.name] = ExecutorProfile(
-                peak_gflops=float(entry["peak_gflops"]), bandwidth_gbs=float(entry["bandwidth_gbs"]),
-                overhead_ms=float(entry.get("overhead_us", 10)) / 1e3,
-                link_gbs=float(entry.get("link_gbs", 0)), link_ms=float(entry.get("link_us", 0)) / 1e3)
-        except KeyError as exc:
-            raise PlanError(f"{where}: missing field {exc.args[0]!r}") from exc
-        except (TypeError, ValueError, ExecutorUnavailableError) as exc:
-            raise PlanError(f"{where}: {exc}") from exc
+            like = resolve([spec.like])[0] if spec.like else None
+        except ExecutorUnavailableError as exc:
+            raise PlanError(f"{spec.where}: like {spec.like!r}: {exc}") from exc
+        executor = DescribedExecutor(library, device, like)
+        host = device.kind == "cpu"
+        link_gbs, link_ms = (0.0, 0.0) if host else (spec.link_gbs, spec.link_us / 1e3)
+        if spec.peak_gflops is not None and spec.bandwidth_gbs is not None:
+            profile = ExecutorProfile(spec.peak_gflops, spec.bandwidth_gbs, spec.overhead_us / 1e3, link_gbs,
+                                      link_ms)
+        else:
+            base = probe(like)
+            profile = ExecutorProfile(base.peak_gflops * spec.speed, base.bandwidth_gbs * spec.speed,
+                                      spec.overhead_us / 1e3, link_gbs, link_ms)
+        profiles[executor.name] = profile
         executors.append(executor)
     return executors, profiles
-
-
-def _yaml(text: str, path: Path) -> Any:
-    try:
-        import yaml
-    except ImportError as exc:
-        raise PlanError(f"device profile {str(path)!r} is YAML: pip install pyyaml, or write it as "
-                        ".json") from exc
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise PlanError(f"device profile {str(path)!r} is not valid YAML: {exc}") from exc
