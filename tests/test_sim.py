@@ -149,10 +149,10 @@ def test_replica_throughput_scales_with_cards():
     feeds = example_feeds(model)
     parallelism, rates = {}, {}
     for count in (1, 2, 4):
-        sims = cards(count, speed=0.01)
+        sims = cards(count, overhead_us=20_000)  # about 22 ms a request, mostly sleep
         pool = hetero.ReplicaPool.build(model, [[sim] for sim in sims])
         before = [sim.card.compute.busy_s for sim in sims]
-        requests = 12 * count
+        requests = 10 * count
         start = time.perf_counter()
         for outputs in pool.map(feeds for _ in range(requests)):
             assert outputs["logits"].shape == (1, 10)
@@ -182,7 +182,7 @@ def test_declared_speed_is_what_the_cost_model_measures():
     card.synchronize()
     launched = time_call(lambda: compiled(args))
     card.synchronize()
-    assert executed == pytest.approx(declared, rel=0.3)
+    assert 0.8 * declared <= executed <= 2 * declared  # loaded hosts wake sleepers late, never early
     assert launched < 0.5 * declared
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from types import ModuleType
 from typing import Any
 
@@ -272,7 +272,7 @@ class CupyExecutor(Executor):
         self.xp = xp
         self.on_gpu = xp.__name__ == "cupy"
         self.kernel_kind = "cuda" if self.on_gpu else None
-        self._pinned: dict[int, np.ndarray] = {}
+        self._pinned: dict[int, list[np.ndarray]] = {}
         self._lock = threading.Lock()
 
     @classmethod
@@ -308,33 +308,41 @@ class CupyExecutor(Executor):
             with self.context():
                 self.xp.cuda.Stream.null.synchronize()
 
-    def _staging(self, nbytes: int) -> np.ndarray:
-        """A pinned host buffer of at least `nbytes`, reused: DMA needs page-locked memory."""
+    @contextlib.contextmanager
+    def _staged(self, dtype: np.dtype, shape: tuple) -> Iterator[np.ndarray]:
+        """A pinned host buffer (DMA needs page-locked memory) viewed as `dtype[shape]`, held by
+        this copy alone: buffers are reused through free lists, one taken per copy in flight."""
+        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        size = 1 << max(nbytes - 1, 1).bit_length()
         with self._lock:
-            size = 1 << max(nbytes - 1, 1).bit_length()
-            if size not in self._pinned:
-                memory = self.xp.cuda.alloc_pinned_memory(size)
-                self._pinned[size] = np.frombuffer(memory, np.uint8, size)
-            return self._pinned[size]
+            free = self._pinned.setdefault(size, [])
+            buffer = free.pop() if free else None
+        if buffer is None:
+            buffer = np.frombuffer(self.xp.cuda.alloc_pinned_memory(size), np.uint8, size)
+        try:
+            yield buffer[:nbytes].view(dtype).reshape(shape)
+        finally:
+            with self._lock:
+                self._pinned[size].append(buffer)
 
     def to_device(self, array: np.ndarray) -> Any:
+        """Host -> GPU through a pinned buffer (`set` without a stream returns once copied)."""
         if not self.on_gpu:
             return array
-        array = np.ascontiguousarray(array)
-        staged = self._staging(array.nbytes)[:array.nbytes].view(array.dtype).reshape(array.shape)
-        staged[...] = array
-        with self.context():
+        array = np.asarray(array)
+        with self._staged(array.dtype, array.shape) as staged, self.context():
+            staged[...] = array
             value = self.xp.empty(array.shape, array.dtype)
             value.set(staged)
-            return value
+        return value
 
     def to_host(self, value: Any) -> np.ndarray:
+        """GPU -> host through a pinned buffer, copied out before the buffer is reused."""
         if not self.on_gpu:
             return value
-        staged = self._staging(value.nbytes)[:value.nbytes].view(value.dtype).reshape(value.shape)
-        with self.context():
+        with self._staged(value.dtype, value.shape) as staged, self.context():
             value.get(out=staged)
-        return staged.copy()
+            return staged.copy()
 
     def copy_from(self, value: Any, source: Executor) -> Any | None:
         """GPU to GPU without the host when both are CuPy devices (peer copy where the hardware

@@ -431,8 +431,6 @@ class SimExecutor(Executor):
                f"{spec.overhead_us:g} us/call"
         if self.card is not None:
             what += f", PCIe {spec.link_gbs:g} GB/s {spec.link_us:g} us"
-            if self.card.peers:
-                what += f", peers {', '.join(map(str, self.card.peers))} {spec.peer_gbs:g} GB/s"
         return ExecutorInfo(self.name, self.library, f"{like.library} {like.version}", str(self.device), what,
                             like.threads if self.card is None else 1, "fp32")
 
@@ -490,8 +488,8 @@ class SimExecutor(Executor):
         if self.card is not None:
             line = self.card.compute
             text = f"{self.name} (simulated): {line.count} partitions, {line.busy_s * 1e3:.1f} ms busy"
-            text += "".join(f"; {name} {link.count} copies, {link.nbytes} B"
-                            for name, link in self.card.links.items() if link.count)
+            text += "".join(f"; {name} ({link.gbs:g} GB/s, {link.latency_s * 1e6:g} us): {link.count} "
+                            f"copies, {link.nbytes} B" for name, link in self.card.links.items())
         else:
             text = f"{self.name} (simulated host CPU): {overruns.calls} partitions"
         if overruns.count:

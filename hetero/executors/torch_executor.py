@@ -14,9 +14,11 @@ since `F.interpolate` and `F.pad` round coordinates and clamp pads their own way
 
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,30 @@ _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _AVG_POOL = {1: F.avg_pool1d, 2: F.avg_pool2d, 3: F.avg_pool3d}
 
 Kernel = Callable[..., Any]
+_fp32 = {"users": 0, "saved": ("", "")}
+_fp32_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def exact_fp32() -> Iterator[None]:
+    """fp32 means fp32 on CUDA while Hetero's partitions run: cuDNN convolutions default to TF32
+    tensor cores (10-bit mantissa), and a user may have allowed TF32 matmuls. Torch's switch is
+    process-wide, so it is set only while at least one CUDA partition launches its kernels, and
+    the user's setting comes back after the last one (code running torch on other threads
+    meanwhile sees it too)."""
+    conv, matmul = torch.backends.cudnn.conv, torch.backends.cuda.matmul
+    with _fp32_lock:
+        if _fp32["users"] == 0:
+            _fp32["saved"] = (conv.fp32_precision, matmul.fp32_precision)
+            conv.fp32_precision = matmul.fp32_precision = "ieee"
+        _fp32["users"] += 1
+    try:
+        yield
+    finally:
+        with _fp32_lock:
+            _fp32["users"] -= 1
+            if _fp32["users"] == 0:
+                conv.fp32_precision, matmul.fp32_precision = _fp32["saved"]
 
 
 @dataclass(frozen=True)
@@ -1261,7 +1287,7 @@ class _Interpreter(CompiledPartition):
             # Torch's intra-op thread count belongs to the calling thread (OpenMP), so each
             # executor (a CPU stream has a budget of its own) sets its own where it runs.
             torch.set_num_threads(self._executor.threads)
-        with torch.inference_mode():
+        with torch.inference_mode(), contextlib.nullcontext() if self._host else exact_fp32():
             values = dict(self._constants)
             for name, value in zip(self.input_names, inputs, strict=True):
                 values[name] = value if isinstance(value, torch.Tensor) else self._executor.to_device(value)
@@ -1299,10 +1325,6 @@ class TorchExecutor(Executor):
             raise ValueError(f"torch executor drives 'cpu' or 'cuda:N', not {device}")
         super().__init__(device, threads=threads, stream=stream)
         self.torch_device = torch.device(str(device))
-        if device.kind == "cuda":
-            # cuDNN convolutions default to TF32 tensor cores (10-bit mantissa); fp32 means fp32.
-            # Torch has only this process-wide switch (matmuls already default to full fp32).
-            torch.backends.cudnn.allow_tf32 = False
 
     @classmethod
     def discover(cls) -> list[Executor]:
@@ -1369,3 +1391,15 @@ class TorchExecutor(Executor):
         if not isinstance(value, torch.Tensor):
             return value
         return value.cpu().numpy() if self.device.kind != "cpu" else value.numpy()
+
+    def copy_from(self, value: Any, source: Executor) -> Any | None:
+        """GPU to GPU without the host (a peer copy where the GPUs allow, else the driver stages it)."""
+        if self.device.kind != "cuda" or not (isinstance(value, torch.Tensor) and value.is_cuda):
+            return None
+        return value.to(self.torch_device)
+
+    def synchronize(self) -> None:
+        """CUDA kernels run asynchronously: wait for this device's, so timings measure executions,
+        not launches."""
+        if self.device.kind == "cuda":
+            torch.cuda.synchronize(self.torch_device)

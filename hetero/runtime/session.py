@@ -48,6 +48,7 @@ class RunStats:
     runs: int = 0
     transfers: int = 0
     transfer_bytes: int = 0
+    direct_transfers: int = 0  # device to device, not through host memory (GPU peer copies)
     seconds: float = 0.0
 
 
@@ -83,6 +84,7 @@ class _Values:
         self._moving: dict[tuple[str, str], threading.Event] = {}
         self.transfers = 0
         self.transfer_bytes = 0
+        self.direct_transfers = 0
 
     def fetch(self, name: str, target: Executor | None) -> Any:
         """`name` in the target's memory space (None: host), moving it there once if needed; a
@@ -117,6 +119,7 @@ class _Values:
                 held[space] = (target, moved)
                 self.transfers += 1
                 self.transfer_bytes += int(getattr(host, "nbytes", 0))
+                self.direct_transfers += direct is not None
                 return moved
         finally:
             with self._lock:
@@ -461,6 +464,7 @@ class Session(Requests):
             self.stats.runs += 1
             self.stats.transfers += values.transfers
             self.stats.transfer_bytes += values.transfer_bytes
+            self.stats.direct_transfers += values.direct_transfers
             self.stats.seconds += time.perf_counter() - start
 
     def _fall_back(self, program: _Program, failed: _PartitionFailed, arrays: dict,

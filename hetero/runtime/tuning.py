@@ -187,23 +187,27 @@ def _explain(session: Session, reports: list[CandidateReport], estimates: dict[i
 
 def tune_throughput(model: Model, executors: Sequence[str | Executor] | None, *,
                     progress: Progress | None = None, seconds: float = 2.0) -> Session | ReplicaPool:
-    """Replicas on CPU streams (and accelerators) against one pipelined session: the higher
-    measured requests per second wins."""
+    """Replicas against one pipelined session: the higher measured requests per second wins.
+
+    Replicas are one per accelerator (placed by `latency` on it and the host libraries, once per
+    kind of card) and one per CPU stream (host libraries alone, each stream a slice of the cores).
+    Partitions on one device take turns, so an accelerator gets one replica, never one per stream.
+    Measured: the accelerators' replicas, the CPU streams', and both together.
+    """
     latency_session = tune_latency(model, executors, progress=progress)
     chosen = executor_registry.resolve(executors)
     feeds = example_feeds(model)
-    options: list[tuple[str, Session | ReplicaPool]] = [("one session, pipelined", latency_session)]
-    streams = default_threads()
     host = [e for e in chosen if not is_accelerator(e)]
-    if streams > 1 and host:
-        assignment = {n.name: latency_session.plan.executor_of(n).name for n in model.nodes}
-        replicas = []
-        for stream in range(streams):
-            variants = {e.name: executor_registry.variant_of(e, threads=max(1, default_threads() // streams),
-                                                             stream=stream) for e in chosen}
-            placed = {node: variants[name].name for node, name in assignment.items()}
-            replicas.append(compile_plan(model, list(variants.values()), "latency", assignment=placed))
-        options.append((f"{streams} CPU-stream replicas", ReplicaPool(replicas)))
+    cards = _accelerator_replicas(model, chosen, host, latency_session, progress)
+    streams = _stream_replicas(model, host, latency_session, progress) if default_threads() > 1 else []
+    options: list[tuple[str, Session | ReplicaPool]] = [("one session, pipelined", latency_session)]
+    if cards:
+        options.append((f"{len(cards)} accelerator replicas", ReplicaPool(cards)))
+    if streams:
+        options.append((f"{len(streams)} CPU-stream replicas", ReplicaPool(streams)))
+    if cards and streams:
+        options.append((f"{len(cards)} accelerator + {len(streams)} CPU-stream replicas",
+                        ReplicaPool([*cards, *streams])))
     results = []
     for name, runner in options:
         key = _key(model, "throughput", [name, *(e.name for e in chosen)])
@@ -215,11 +219,51 @@ def tune_throughput(model: Model, executors: Sequence[str | Executor] | None, *,
     _plans.save()
     _, name, winner = max(results, key=lambda item: item[0])
     winner.plan.notes.append("throughput: " + ", ".join(f"{n} {r:.1f} req/s" for r, n, _ in results)
-                      + f"; chose {name}")
+                             + f"; chose {name}")
     for _, _, runner in results:
         if runner is not winner and isinstance(runner, ReplicaPool):
             runner.close()
     return winner
+
+
+def _accelerator_replicas(model: Model, chosen: list[Executor], host: list[Executor], placed: Session,
+                          progress: Progress | None) -> list[Session]:
+    """One session per accelerator, on it and the host libraries. Each kind of card (library and
+    device model) is placed by `latency` once; its twins take the same placement."""
+    sessions: list[Session] = []
+    placements: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
+    for card in (e for e in chosen if is_accelerator(e)):
+        kind = (card.library, card.info().device_name)
+        if kind not in placements:
+            alone = placed if set(placed.plan.executors) <= {card, *host} else tune_latency(
+                model, [card, *host], progress=progress)
+            placements[kind] = (card.name, {n.name: alone.plan.executor_of(n).name for n in model.nodes})
+            if alone is not placed:
+                alone.close()
+        first, placement = placements[kind]
+        assignment = {node: card.name if name == first else name for node, name in placement.items()}
+        sessions.append(compile_plan(model, [card, *host], "latency", assignment=assignment))
+    return sessions
+
+
+def _stream_replicas(model: Model, host: list[Executor], placed: Session,
+                     progress: Progress | None) -> list[Session]:
+    """One session per CPU stream, each on the host libraries' variants for that stream."""
+    if not host:
+        return []
+    on_host = placed if set(placed.plan.executors) <= set(host) else tune_latency(model, host,
+                                                                                    progress=progress)
+    placement = {n.name: on_host.plan.executor_of(n).name for n in model.nodes}
+    if on_host is not placed:
+        on_host.close()
+    streams = default_threads()
+    sessions = []
+    for stream in range(streams):
+        variants = {e.name: executor_registry.variant_of(e, threads=max(1, default_threads() // streams),
+                                                         stream=stream) for e in host}
+        assignment = {node: variants[name].name for node, name in placement.items()}
+        sessions.append(compile_plan(model, list(variants.values()), "latency", assignment=assignment))
+    return sessions
 
 
 def measure_rate(runner: Session | ReplicaPool, feeds: dict, seconds: float) -> float:
