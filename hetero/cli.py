@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import statistics
 import sys
 import time
@@ -39,6 +40,32 @@ AffinityOption = Annotated[list[str] | None, typer.Option(
     "--affinity", "-a", help="OP_OR_NODE_PATTERN=EXECUTOR (policy manual); repeatable.")]
 DimOption = Annotated[list[str] | None, typer.Option(
     "--dim", help="Value of a symbolic input dimension, NAME=INT; repeatable.")]
+SimulateOption = Annotated[Path | None, typer.Option(
+    "--simulate", help="Devices file (YAML/JSON): add the simulated cards (sim@sim:N) and host (sim@cpu) it "
+    "declares, paced to its figures; see examples/devices/.")]
+
+
+def _simulate(path: Path | None) -> None:
+    """Make the devices a file declares part of this process's executors (and of its children's)."""
+    if path is None:
+        return
+    from hetero.executors.sim_executor import ENVIRONMENT, simulate
+
+    try:
+        for executor in simulate(path):
+            executor.info()  # its `like` library must be here
+    except hetero.HeteroError as exc:
+        _fail(exc)
+    os.environ[ENVIRONMENT] = str(path.resolve())
+    hetero.executors.libraries(refresh=True)
+
+
+def _simulated_report() -> None:
+    """What each simulated device did; figures from them are simulated, and say when the host
+    could not keep their pace."""
+    for executor in hetero.executors.available():
+        if executor.library == "sim":
+            console.print(f"[dim]{escape(executor.report())}[/]")
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -77,8 +104,9 @@ def _fail(error: Exception) -> None:
 @app.command()
 def devices(probe: Annotated[bool, typer.Option(
         "--probe", help="Measure each executor's peak GFLOP/s, bandwidth, call overhead and host link "
-        "(the roofline the planner estimates with).")] = False) -> None:
+        "(the roofline the planner estimates with).")] = False, simulate: SimulateOption = None) -> None:
     """List every device and executor on this host, with library versions."""
+    _simulate(simulate)
     inventory = hetero.devices()
     table = Table("device", "executor", "library", "version", "threads", "precision", title="executors")
     for entry in inventory.devices:
@@ -102,6 +130,8 @@ def devices(probe: Annotated[bool, typer.Option(
             figures.add_row(executor.name, f"{profile.peak_gflops:.1f}", f"{profile.bandwidth_gbs:.1f}",
                             f"{profile.overhead_ms * 1e3:.1f}", link)
         console.print(figures)
+    if simulate is not None:
+        _simulated_report()
 
 
 def _print_plan(plan: hetero.Plan) -> None:
@@ -136,10 +166,11 @@ def plan(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
          svg: Annotated[Path | None, typer.Option(
              help="Draw the graph coloured by executor (graphviz).")] = None,
          describe: Annotated[Path | None, typer.Option(
-             help="YAML/JSON profile of devices not on this host, to sketch a plan with estimates.")] = None,
-         ) -> None:
+             help="Devices file (YAML/JSON) of devices not on this host, to sketch a plan with estimates.")]
+         = None, simulate: SimulateOption = None) -> None:
     """Show where each part of a model would run, what crosses memory spaces and, for measured
     policies, the estimated and measured times and the candidates rejected."""
+    _simulate(simulate)
     try:
         loaded = hetero.load(model)
         with _progress("profiling") as progress:
@@ -153,6 +184,8 @@ def plan(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     _print_plan(chosen)
     if svg is not None:
         _draw(chosen, svg)
+    if simulate is not None:
+        _simulated_report()
 
 
 def _sketch(model: hetero.Model, executors: list[str] | None, policy: str, describe: Path,
@@ -211,8 +244,9 @@ def run(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
         check: Annotated[bool, typer.Option(help="Compare outputs with ONNX Runtime.")] = False,
         trace: Annotated[Path | None, typer.Option(
             help="Write a Chrome-trace/Perfetto timeline of partitions and transfers per device.")] = None,
-        ) -> None:
+        simulate: SimulateOption = None) -> None:
     """Compile and run a model; print its outputs, timings and optionally a check against ONNX Runtime."""
+    _simulate(simulate)
     try:
         loaded = hetero.load(model)
         feeds = _feeds(loaded, _pairs(inputs, "input"), _pairs(dim, "dim"))
@@ -249,6 +283,8 @@ def run(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
         console.print(f"wrote {timeline.save(trace)} (open in ui.perfetto.dev or chrome://tracing)")
     if check:
         _check_against_onnxruntime(loaded, feeds, outputs)
+    if simulate is not None:
+        _simulated_report()
 
 
 OUT = Path("out")
@@ -260,8 +296,10 @@ def demo(frames: Annotated[int | None, typer.Option(help="Only the first N frame
          video: Annotated[Path | None, typer.Option(help="Video file (default: samples/vtest.avi).")] = None,
          tour: Annotated[bool, typer.Option("--tour", help="The placement tour instead: NanoDet-g spread "
                                             "over every library, checked and timed.")] = False,
-         repeats: Annotated[int, typer.Option(help="Tour: timed runs per configuration.")] = 20) -> None:
+         repeats: Annotated[int, typer.Option(help="Tour: timed runs per configuration.")] = 20,
+         simulate: SimulateOption = None) -> None:
     """Traffic camera: count pedestrians and vehicles in a video on every device at once."""
+    _simulate(simulate)
     console.print(escape(str(hetero.devices())))
     try:
         if tour:
@@ -272,6 +310,8 @@ def demo(frames: Annotated[int | None, typer.Option(help="Only the first N frame
             _traffic(video, frames, out)
     except (hetero.HeteroError, ImportError) as exc:
         _fail(exc)
+    if simulate is not None:
+        _simulated_report()
 
 
 def _traffic(video: Path | None, frames: int | None, out: Path) -> None:
@@ -321,8 +361,10 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
               help="Request bytes all clients may hold at once (each body counts twice), MiB.")] = 1024.0,
           imports: Annotated[list[str] | None, typer.Option(
               "--import", help="Module to import first (one registering custom ops); repeatable.")] = None,
-          log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info") -> None:
+          log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+          simulate: SimulateOption = None) -> None:
     """Serve a model repository over KServe v2 (HTTP and gRPC) until SIGTERM or Ctrl-C."""
+    _simulate(simulate)
     try:
         from hetero.serve import Server, logs
     except ImportError as exc:
@@ -346,8 +388,9 @@ def bench(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
           concurrency: Annotated[int, typer.Option(help="Clients sending requests at once.")] = 1,
           compare: Annotated[bool, typer.Option(
               help="Also run the native baselines in this process: OpenVINO THROUGHPUT hint, ONNX Runtime "
-              "sessions, torch.")] = False) -> None:
+              "sessions, torch.")] = False, simulate: SimulateOption = None) -> None:
     """Measure inferences/s and latency percentiles under load, optionally against native libraries."""
+    _simulate(simulate)
     try:
         loaded = hetero.load(model)
         dims = {str(i.shape[0]): batch for i in loaded.inputs
@@ -364,14 +407,18 @@ def bench(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     results = [_measure(f"hetero {policy}", lambda: runner.run(feeds), duration, concurrency)]
     if compare:
         results += _baselines(loaded, feeds, duration, concurrency)
+    simulated = ", simulated devices (sim@...)" if simulate is not None else ""
     table = Table("runner", "inferences/s", "p50 ms", "p90 ms", "p99 ms", "busy", "hetero / runner",
-                  title=f"{loaded.label}: batch {rows}, concurrency {concurrency}, {duration:g} s each, fp32")
+                  title=f"{loaded.label}: batch {rows}, concurrency {concurrency}, {duration:g} s each, "
+                  f"fp32{simulated}")
     for result in results:
         busy = ", ".join(f"{r} {b:.0%}" for r, b in sorted(result.busy.items())) or "-"
         table.add_row(result.name, f"{result.rate * rows:.1f}", *(f"{result.percentile_ms(q):.2f}" for q in
                       (50, 90, 99)), busy, f"{results[0].rate / result.rate:.2f}" if result.rate else "-")
     console.print(table)
     runner.close()
+    if simulate is not None:
+        _simulated_report()
 
 
 def _measure(name: str, call: Callable[[], object], duration: float, concurrency: int) -> BenchResult:

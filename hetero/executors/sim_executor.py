@@ -342,16 +342,16 @@ class _Partition(CompiledPartition):
         try:
             start = time.perf_counter()
             outputs = self._inner(values)
-            host_s = time.perf_counter() - start
-            declared = self._declared(values, host_s)
+            done = time.perf_counter()
+            declared = self._declared(values, done - start)
         finally:
             if card is not None:
                 card.leaving()
         if card is None:  # a simulated host: synchronous, in host memory
-            executor.overruns.add(time.perf_counter() - launched - declared)
+            executor.overruns.add(done - launched - declared)
             _wait_until(launched + declared)
             return outputs
-        end, overrun = card.compute.book(declared, max(launched, ready), finished=time.perf_counter())
+        end, overrun = card.compute.book(declared, max(launched, ready), finished=done)
         card.overruns.add(overrun)
         return [SimArray(np.asarray(o), card, end) for o in outputs]
 

@@ -47,27 +47,37 @@ def estimate(plan: Plan, costs: CostModel) -> float:
 
 def chain_assignment(model: Model, capability: Capability, costs: CostModel,
                      penalty: float = 1.0) -> list[Executor]:
-    """Minimum of node costs + penalty x switch costs over the topological chain (Viterbi)."""
+    """Minimum of node costs + penalty x switch costs over the topological chain (Viterbi).
+
+    A node reading the model's inputs, or producing its outputs, away from host memory also pays
+    for their copies: so a device with a slow link is not chosen for small work at the edges."""
     executors = capability.executors
     best = {e.name: 0.0 for e in executors}
     back: list[dict[str, str]] = []
     previous: Executor | None = None
+    graph_inputs, graph_outputs = set(model.input_names), set(model.output_names)
     for node in model.nodes:
         able = capability.candidates(node)
         incoming_bytes = sum(model.tensor(n).nbytes or 0 for n in node.all_inputs
                              if model.producer(n) is not None)
+        from_host = sum(model.tensor(n).nbytes or 0 for n in set(node.all_inputs) & graph_inputs)
+        to_host = sum(model.tensor(n).nbytes or 0 for n in set(node.outputs) & graph_outputs)
         scores: dict[str, float] = {}
         choice: dict[str, str] = {}
         for executor in able:
             own = costs.node(node, executor).ms
+            if from_host:
+                own += costs.transfer_ms(from_host, None, executor)
+            if to_host:
+                own += costs.transfer_ms(to_host, executor, None)
             options = []
             for before in (executors if previous is not None else [executor]):
                 if best.get(before.name, math.inf) == math.inf:
                     continue
                 switch = 0.0
                 if before.name != executor.name:
-                    switch = penalty * (costs.overhead_ms(executor)
-                                        + costs.transfer_ms(incoming_bytes, before, executor))
+                    moved = costs.transfer_ms(incoming_bytes, before, executor) if incoming_bytes else 0.0
+                    switch = penalty * (costs.overhead_ms(executor) + moved)
                 options.append((best[before.name] + switch, before.name))
             if options:
                 score, came_from = min(options)
