@@ -107,6 +107,14 @@ def _http_infer(server: Server, model: str, code: float, ident: float, timeout_u
         client.close()
 
 
+def _until_running(ident: float) -> None:
+    """Wait (at most 10 s) until the kernel has started on the request `ident`."""
+    deadline = time.monotonic() + 10
+    while ident not in RAN and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert ident in RAN
+
+
 def _in_background(call, *args) -> tuple[threading.Thread, dict]:
     outcome: dict = {}
 
@@ -142,7 +150,7 @@ def test_requests_whose_deadline_passes_in_the_queue_never_run(server: Server, p
     """A hung request holds the only replica; five clients give up while queued (gRPC deadline, HTTP
     timeout parameter), one waits. Released, the hung one and the patient one run; the five never."""
     hung = _in_background(_grpc_infer, server, "faulty", HANG, 100.0, 30)
-    time.sleep(0.3)
+    _until_running(100.0)
     if protocol == "grpc":
         impatient = [_in_background(_grpc_infer, server, "faulty", NORMAL, float(k), 0.3) for k in range(5)]
     else:
@@ -189,7 +197,7 @@ def test_cancelled_and_dropped_clients(server: Server) -> None:
     """gRPC calls cancelled by their client and HTTP connections closed mid-request: the server drops
     what is queued, finishes what runs, and answers the next clients."""
     hung = _in_background(_grpc_infer, server, "faulty", HANG, 100.0, 30)
-    time.sleep(0.3)
+    _until_running(100.0)
     client = tritongrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
     tensor = tritongrpc.InferInput("x", [1, 2], "FP32")
     calls = []
@@ -221,7 +229,7 @@ def test_unload_with_a_hung_kernel_is_bounded(tmp_path: Path) -> None:
     GATE.clear()
     try:
         _in_background(_grpc_infer, server, "faulty", HANG, 1.0, 30)
-        time.sleep(0.3)
+        _until_running(1.0)
         queued = _in_background(_grpc_infer, server, "faulty", NORMAL, 2.0, 30)
         time.sleep(0.2)
         start = time.perf_counter()
