@@ -421,6 +421,53 @@ def bench(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
         _simulated_report()
 
 
+@app.command()
+def capacity(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+             devices: Annotated[Path | None, typer.Option(
+                 "--devices", help="Devices file (YAML/JSON): the cards to add, one replica each, profiled "
+                 "on their simulation (declared figures); its host, if declared, is the host.")] = None,
+             executors: ExecutorsOption = None, policy: PolicyOption = "priority",
+             cpu_streams: Annotated[int | None, typer.Option(
+                 help="CPU-stream replicas beside the cards (default: none with a devices file, else one "
+                 "per core).")] = None,
+             servers: Annotated[int, typer.Option(help="Servers like this one behind a router.")] = 1,
+             ) -> None:
+    """Predict the throughput and latency of a mix of cards and CPU streams (and of N such servers)
+    from one profile per kind of replica, and name the bottleneck: a device, a link or the host CPU."""
+    from hetero.runtime.capacity import HOST_PART, Mix
+    from hetero.runtime.capacity import capacity as predict_capacity
+
+    try:
+        loaded = hetero.load(model)
+        mix = Mix.of(devices, _executors(executors), cpu_streams)
+        with console.status("profiling") as status:
+            prediction = predict_capacity(loaded, mix, servers=servers, policy=policy,
+                                          say=lambda text: status.update(escape(text)))
+    except (hetero.HeteroError, ValueError) as exc:
+        _fail(exc)
+    table = Table("replica", "profile", "ms / request", "host CPU ms", "where the time goes",
+                  title=f"capacity of {loaded.label}: {len(prediction.replicas)} replicas, "
+                  f"{prediction.cores} cores")
+    kinds = {id(r): r for r in prediction.replicas}  # twins share their kind's profile
+    for replica in kinds.values():
+        twins = sum(r is replica for r in prediction.replicas)
+        parts = ", ".join(f"{'host' if name == HOST_PART else name} {seconds / replica.seconds:.0%}"
+                          for name, seconds in sorted(replica.parts.items(), key=lambda item: -item[1]))
+        source = "declared (simulated)" if replica.source == "declared" else replica.source
+        table.add_row(f"{twins} x {replica.name}" if twins > 1 else replica.name, source,
+                      f"{replica.seconds * 1e3:.2f}", f"{replica.host_cpu_s * 1e3:.2f}", parts)
+    console.print(table)
+    console.print(f"predicted: {prediction.requests_per_s:.1f} requests/s on one server"
+                  + (f", {prediction.total_requests_per_s:.1f} on {servers}" if servers > 1 else "")
+                  + f"; latency {prediction.latency_s * 1e3:.2f} ms a request alone")
+    console.print(f"bottleneck: {escape(prediction.bottleneck)}")
+    if any(r.source == "declared" for r in prediction.replicas):
+        console.print("[dim]declared cards were profiled on their simulation; without the host's work of "
+                      "simulating them[/]")
+        for executor in mix.simulated:
+            console.print(f"[dim]{escape(executor.report())}[/]")
+
+
 def _measure(name: str, call: Callable[[], object], duration: float, concurrency: int) -> BenchResult:
     columns = (TextColumn(name), BarColumn(), TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:

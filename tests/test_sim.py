@@ -194,9 +194,9 @@ def test_a_card_faster_than_its_host_library_says_so():
         session.run(example_feeds(model))
     assert card.overruns.count >= 4
     assert "took longer than declared" in card.report()
-    calm, = cards(1, speed=0.05)
+    calm, = cards(1, speed=0.002)  # 500x the library's time: room for a busy host
     hetero.compile(model, [calm]).run(example_feeds(model))
-    assert "took longer" not in calm.report()
+    assert "the host library" not in calm.report()
 
 
 def test_devices_file_errors_name_the_field(tmp_path):
