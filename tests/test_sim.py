@@ -109,21 +109,9 @@ def test_peer_copies_where_declared_else_through_the_host(count):
     assert session.stats.transfers == count + 1
 
 
-def test_one_partition_at_a_time_per_card_while_cards_overlap(monkeypatch):
+def test_one_partition_at_a_time_per_card_while_cards_overlap(booked):
     """Many requests in flight through a plan over two cards: each card's work never overlaps
     itself, and the two cards work at the same time (stage k of request i+1 beside stage k+1 of i)."""
-    from hetero.executors.sim_executor import Line
-
-    booked: dict[str, list[tuple[float, float]]] = {}
-    book = Line.book
-
-    def recording(self, *args, **kwargs):
-        before = self.busy_s
-        end, overrun = book(self, *args, **kwargs)
-        booked.setdefault(self.name, []).append((end - (self.busy_s - before), end))
-        return end, overrun
-
-    monkeypatch.setattr(Line, "book", recording)
     first, second = cards(2, overhead_us=5000)  # 5 ms a partition
     model = chain(["Relu", "Neg"])
     session = hetero.compile(model, ["numpy"], "manual", affinity={"n0": first, "n1": second})
@@ -142,29 +130,53 @@ def test_one_partition_at_a_time_per_card_while_cards_overlap(monkeypatch):
     assert together > 0.5 * second.card.compute.busy_s
 
 
-def test_replica_throughput_scales_with_cards():
-    """1 -> 2 -> 4 cards, one replica each: requests per simulated busy time stay put while the
-    cards work in parallel (at least 0.9x linear); every card serves its share."""
+@pytest.fixture
+def booked(monkeypatch) -> dict[str, list[tuple[float, float]]]:
+    """Every slot booked on a simulated time line, by line name ("sim:0 compute", "cpu -> sim:0")."""
+    from hetero.executors.sim_executor import Line
+
+    slots: dict[str, list[tuple[float, float]]] = {}
+    book = Line.book
+
+    def recording(self, *args, **kwargs):
+        before = self.busy_s
+        end, overrun = book(self, *args, **kwargs)
+        slots.setdefault(self.name, []).append((end - (self.busy_s - before), end))
+        return end, overrun
+
+    monkeypatch.setattr(Line, "book", recording)
+    return slots
+
+
+def _union(slots: list[tuple[float, float]]) -> float:
+    total, reach = 0.0, float("-inf")
+    for start, end in sorted(slots):
+        total += max(0.0, end - max(start, reach))
+        reach = max(reach, end)
+    return total
+
+
+@pytest.mark.slow
+def test_replica_throughput_scales_with_cards(booked):
+    """1 -> 2 -> 4 cards, one replica each: requests per second of simulated time (the time any card
+    was working) grow at least 0.9x linearly, and every card serves its share. Simulated time, not
+    the wall: a host busy with other work delays every card alike."""
     model = hetero.load(small_cnn())
     feeds = example_feeds(model)
-    parallelism, rates = {}, {}
+    rates = {}
     for count in (1, 2, 4):
-        sims = cards(count, overhead_us=40_000)  # about 42 ms a request, mostly sleep
+        sims = cards(count, overhead_us=60_000)  # about 62 ms a request, mostly sleep
         pool = hetero.ReplicaPool.build(model, [[sim] for sim in sims])
-        before = [sim.card.compute.busy_s for sim in sims]
-        requests = 8 * count
-        start = time.perf_counter()
+        booked.clear()
+        requests = 6 * count
         for outputs in pool.map(feeds for _ in range(requests)):
             assert outputs["logits"].shape == (1, 10)
-        wall = time.perf_counter() - start
         pool.close()
-        busy = sum(sim.card.compute.busy_s - b for sim, b in zip(sims, before, strict=True))
-        parallelism[count] = busy / wall
-        rates[count] = requests / wall
         assert all(r.served >= requests / count / 2 for r in pool.replicas)
+        working = _union([slot for sim in sims for slot in booked[f"{sim.device} compute"]])
+        rates[count] = requests / working
     for count in (2, 4):
-        assert parallelism[count] >= 0.9 * count * parallelism[1], parallelism
-        assert rates[count] >= 0.75 * count * rates[1], rates
+        assert rates[count] >= 0.9 * count * rates[1], rates
 
 
 def test_declared_speed_is_what_the_cost_model_measures():
