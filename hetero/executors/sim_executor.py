@@ -242,7 +242,7 @@ class Line:
 
 @dataclass
 class Overruns:
-    """Calls where the host library took longer than the declared device would have."""
+    """Calls (or copies) where the host took longer than the declared device (or link) would have."""
 
     calls: int = 0
     count: int = 0
