@@ -59,6 +59,7 @@ def test_short_cores_stretch_the_host_share_of_every_request():
     assert prediction.bottleneck.startswith("the host CPU: the replicas would burn 3.05 of its 2 cores")
 
 
+@pytest.mark.slow
 def test_prediction_from_one_card_matches_a_pool_of_two():
     """One simulated card profiled alone predicts two of them, measured as a ReplicaPool."""
     cards = simulate({"devices": [{"like": "onnxruntime", "speed": 0.05, "count": 2, "overhead_us": 20_000}]})
