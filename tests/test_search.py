@@ -18,10 +18,11 @@ from hetero.zoo import small_cnn
 
 
 class TableCosts:
-    """A cost model from a table: node ms per executor, a call overhead, transfers by bytes."""
+    """A cost model from a table: node ms per executor, a call overhead, switch costs per executor
+    pair, transfers by bytes."""
 
-    def __init__(self, table, overhead, per_byte):
-        self.table, self.overhead, self.per_byte = table, overhead, per_byte
+    def __init__(self, table, overhead, per_byte, switch=None):
+        self.table, self.overhead, self.per_byte, self.switch = table, overhead, per_byte, switch or {}
 
     def node(self, node, executor):
         class Cost:
@@ -30,6 +31,9 @@ class TableCosts:
 
     def overhead_ms(self, executor):
         return self.overhead[executor.name]
+
+    def switch_ms(self, source, target):
+        return 0.0 if source is None else self.switch.get((source.name, target.name), 0.0)
 
     def transfer_ms(self, nbytes, source, target):
         if source is None or target is None or source.memory_space == target.memory_space:
@@ -52,7 +56,8 @@ def _objective(model, assignment, costs, penalty=1.0):
         total += costs.node(node, executor).ms
         if previous is not None and previous.name != executor.name:
             incoming = sum(model.tensor(n).nbytes or 0 for n in node.all_inputs if model.producer(n))
-            total += penalty * (costs.overhead_ms(executor) + costs.transfer_ms(incoming, previous, executor))
+            total += penalty * (costs.overhead_ms(executor) + costs.switch_ms(previous, executor)
+                                + costs.transfer_ms(incoming, previous, executor))
         previous = executor
     return total
 
@@ -66,7 +71,8 @@ def test_chain_search_finds_the_brute_force_optimum(seed):
     executors[2] = hetero.executors.resolve(["numpy"])[0]  # one in host memory: switches cost transfers
     table = {i: {e.name: rng.uniform(0.1, 5.0) for e in executors} for i in range(count)}
     overhead = {e.name: rng.uniform(0.0, 2.0) for e in executors}
-    costs = TableCosts(table, overhead, per_byte=rng.uniform(0, 0.01))
+    switch = {(a.name, b.name): rng.uniform(0.0, 3.0) for a in executors for b in executors if a is not b}
+    costs = TableCosts(table, overhead, per_byte=rng.uniform(0, 0.01), switch=switch)
     capability = Capability(model, executors)
     for penalty in (1.0, 3.0):
         found = chain_assignment(model, capability, costs, penalty)
@@ -95,11 +101,11 @@ def test_searched_plan_is_never_estimated_slower_than_a_single_library():
 def cache_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("HETERO_CACHE_DIR", str(tmp_path))
     from hetero.planner import cost
-    from hetero.runtime import tuning
-    for store in (cost._costs, tuning._plans):
+    from hetero.runtime import samples, tuning
+    for store in (cost._costs, tuning._plans, samples._shapes):
         store.clear_memory()
     yield tmp_path
-    for store in (cost._costs, tuning._plans):
+    for store in (cost._costs, tuning._plans, samples._shapes):
         store.clear_memory()
 
 

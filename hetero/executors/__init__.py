@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from hetero import domains
 from hetero.errors import ExecutorUnavailableError
 from hetero.executors.base import (
     CPU,
@@ -90,6 +91,20 @@ def available() -> list[Executor]:
     """Executors usable here, in default priority order: accelerators first, numpy last."""
     executors = [e for lib in libraries() for e in lib.executors]
     return sorted(executors, key=lambda e: 0 if is_accelerator(e) else 1)
+
+
+def vendor_domains() -> dict[str, tuple[str, domains.TypeFn]]:
+    """Operator domains beyond ONNX's that an installed library implements: domain -> (library,
+    the function typing its nodes' outputs)."""
+    found: dict[str, tuple[str, domains.TypeFn]] = {}
+    for lib in libraries():
+        for executor in lib.executors:
+            for domain in type(executor).vendor_domains:
+                found.setdefault(domain, (lib.library, type(executor).output_types))
+    return found
+
+
+domains.set_source(vendor_domains)
 
 
 def reference() -> Executor:

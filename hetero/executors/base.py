@@ -81,6 +81,13 @@ class Executor(ABC):
     #: Element types the library's Python binding can take in and give back; None means any.
     #: A node reading or writing another type stays off this executor.
     exchange_dtypes: ClassVar[frozenset[str] | None] = None
+    #: Computes what the ONNX spec says closely enough to stand as the truth when values are
+    #: captured for planning (the exact numpy executor, ONNX Runtime): the fastest such one is used.
+    exact: ClassVar[bool] = False
+    #: Operator domains beyond ONNX's that the library implements (see `hetero.domains`), and
+    #: the function typing their nodes' outputs (`hetero.domains.TypeFn`).
+    vendor_domains: ClassVar[frozenset[str]] = frozenset()
+    output_types: ClassVar[Callable[..., Sequence[onnx.ValueInfoProto | None]] | None] = None
 
     def __init__(self, device: Device = CPU, *, threads: int | None = None, stream: int | None = None):
         self.device = device
@@ -129,6 +136,24 @@ class Executor(ABC):
     @abstractmethod
     def supports_op(self, node: Node, model: Model) -> bool:
         """Library capability for a standard (non-custom) node; ask the library where it can say."""
+
+    def decline(self, node: Node, model: Model) -> str | None:
+        """Why this executor does not run `node` (the dtype, version or attribute at fault), or
+        None when it does. For error messages: call it only after `supports` said no."""
+        if self.supports(node, model):
+            return None
+        if self.exchange_dtypes is not None:
+            foreign = sorted({element_type(model, n) for n in (*node.all_inputs, *node.outputs) if n}
+                             - self.exchange_dtypes)
+            if foreign:
+                return f"its binding does not exchange {', '.join(foreign)} tensors"
+        return self.decline_op(node, model)
+
+    def decline_op(self, node: Node, model: Model) -> str:
+        """Why `supports_op` said no; libraries that can tell more override it."""
+        types = sorted({element_type(model, n) for n in node.all_inputs if n})
+        return (f"no kernel for {node.qualified_type}-{node.since_version} on "
+                f"{', '.join(types) or 'these inputs'}")
 
     @abstractmethod
     def compile(self, part: onnx.ModelProto) -> CompiledPartition:

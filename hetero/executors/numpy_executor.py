@@ -115,6 +115,7 @@ class NumpyExecutor(Executor):
     library = "numpy"
     extra = ""
     kernel_kind = "numpy"
+    exact = True
 
     @classmethod
     def discover(cls) -> list[Executor]:

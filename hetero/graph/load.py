@@ -6,10 +6,13 @@ with one `ModelError` subclass whose message names the file and the node, tensor
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import os
 from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import google.protobuf.message
 import numpy as np
@@ -20,7 +23,7 @@ import onnx.external_data_helper
 import onnx.shape_inference
 from onnx import helper
 
-from hetero import kernels
+from hetero import domains, kernels
 from hetero.errors import (
     DanglingInputError,
     GraphCycleError,
@@ -175,13 +178,18 @@ def _name_nodes(graph: onnx.GraphProto) -> None:
 
 
 def _check_domains(graph: onnx.GraphProto, proto: onnx.ModelProto, label: str) -> None:
+    """Every node's domain is ONNX's, a custom kernel's, a model function's, or one an installed
+    library implements (`hetero.domains`)."""
     known = _known_domains() | kernels.domains() | {f.domain for f in proto.functions}
-    for node in graph.node:
-        if node.domain not in known:
+    unknown = [node for node in graph.node if node.domain not in known]
+    vendor = domains.vendor_domains() if unknown else {}
+    for node in unknown:
+        if node.domain not in vendor:
             raise UnknownDomainError(
                 f"model {label!r}: node {node.name!r} ({node.op_type}) uses operator domain "
-                f"{node.domain!r}, which has no ONNX schema and no custom kernel; register one "
-                f"with hetero.kernel({node.domain!r}, {node.op_type!r}, ...) before loading")
+                f"{node.domain!r}, which has no ONNX schema, no custom kernel and no installed "
+                f"library implementing it; register a kernel with hetero.kernel({node.domain!r}, "
+                f"{node.op_type!r}, ...) before loading")
 
 
 def _sort_nodes(graph: onnx.GraphProto, label: str) -> None:
@@ -260,7 +268,8 @@ def _infer_shapes(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
             raise InvalidModelError(f"model {label!r} failed shape inference: {_first_line(exc)}") from exc
 
     inferred = infer(proto)
-    custom = [n for n in inferred.graph.node if n.domain in kernels.domains()]
+    vendor = domains.vendor_domains()
+    custom = [n for n in inferred.graph.node if n.domain in kernels.domains() or n.domain in vendor]
     for node in custom:
         known = {vi.name: vi for vi in (*inferred.graph.value_info, *inferred.graph.input,
                                         *inferred.graph.output)}
@@ -268,16 +277,68 @@ def _infer_shapes(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
                       for t in inferred.graph.initializer})
         if all(o in known and known[o].type.tensor_type.elem_type for o in node.output if o):
             continue
-        infos = [tensor_info(known[i]) if i in known else None for i in node.input]
-        inferred_outputs = _custom_output_types(node, infos, label)
-        if inferred_outputs is None:
-            continue
-        for out, (dtype, shape) in zip(node.output, inferred_outputs, strict=False):
-            if out and out not in known:
-                inferred.graph.value_info.append(helper.make_tensor_value_info(
-                    out, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), shape))
+        if node.domain in kernels.domains():
+            infos = [tensor_info(known[i]) if i in known else None for i in node.input]
+            inferred_outputs = _custom_output_types(node, infos, label)
+            if inferred_outputs is None:
+                continue
+            typed = [helper.make_tensor_value_info(out, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)),
+                                                   shape)
+                     for out, (dtype, shape) in zip(node.output, inferred_outputs, strict=False)]
+        else:
+            typed = _vendor_output_types(node, known, inferred, vendor[node.domain])
+        for value in typed:
+            if value is not None and value.name and value.name not in known:
+                inferred.graph.value_info.append(value)
         inferred = infer(inferred)
     return inferred
+
+
+def _vendor_output_types(node: onnx.NodeProto, known: dict, model: onnx.ModelProto,
+                         vendor: tuple) -> list:
+    """Output types of a node in a vendor domain, as the library implementing it infers them;
+    none where it cannot tell (the run that captures values for planning types them then)."""
+    _, type_fn = vendor
+    opsets = {("" if o.domain == "ai.onnx" else o.domain): o.version for o in model.opset_import}
+    weights = [t for t in model.graph.initializer if t.name in set(node.input)]
+    try:
+        return list(type_fn(node, [known.get(i) for i in node.input], opsets, weights))
+    except Exception:
+        return []
+
+
+def complete(model: Model, observed: Mapping[str, tuple[Any, Sequence[int]]]) -> Model:
+    """`model` with every value that shape inference left without an element type or a rank typed
+    from a run (`observed`: value name -> (dtype, shape) as captured for planning), so that every
+    node extracted alone, and every partition, carries ranks. Dims stay as inference left them (a
+    symbolic or unknown dim is not fixed to the run's size): the model still takes other sizes.
+    Returns `model` itself when nothing was missing.
+    """
+    filled = []
+    for node in model.nodes:
+        for name in node.outputs:
+            if not name or name not in observed:
+                continue
+            info = model.tensor(name)
+            if info.kind not in ("tensor", "unknown") or (info.dtype is not None and info.shape is not None):
+                continue
+            dtype, shape = observed[name]
+            try:
+                elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+            except (KeyError, TypeError, ValueError):
+                continue
+            filled.append(helper.make_tensor_value_info(name, elem, [None] * len(shape)))
+    if not filled:
+        return model
+    proto = onnx.ModelProto()
+    proto.CopyFrom(model.proto)
+    names = {vi.name for vi in filled}
+    kept = [vi for vi in proto.graph.value_info if vi.name not in names]
+    del proto.graph.value_info[:]
+    proto.graph.value_info.extend([*kept, *filled])
+    with contextlib.suppress(InvalidModelError):  # else the types from the run stand on their own
+        proto = _infer_shapes(proto, model.label)
+    return Model(proto, model.label, model.folded)
 
 
 def _fails_inside_function(model: onnx.ModelProto, message: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from types import MappingProxyType
@@ -66,7 +66,7 @@ def tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo:
         return TensorInfo(value_info.name, dtype, None)
     dims: list[int | str | None] = []
     for dim in tensor_type.shape.dim:
-        if dim.HasField("dim_value"):
+        if dim.HasField("dim_value") and dim.dim_value >= 0:  # exporters write -1 for "dynamic"
             dims.append(int(dim.dim_value))
         elif dim.HasField("dim_param"):
             dims.append(dim.dim_param)
@@ -354,12 +354,41 @@ class Model:
         return onnx.ValueInfoProto(name=name)
 
 
+#: Sizes given to symbolic dims that neither the model nor the caller fixes: the leading dim of a
+#: tensor of rank >= 2 (a batch), the spatial dims of an image (rank 4 with 1, 3 or 4 channels on
+#: axis 1 or 3: NCHW or NHWC) and every other dim (a sequence, a feature count).
+DEFAULT_DIMS: Mapping[str, int] = MappingProxyType({"batch": 1, "image": 224, "other": 128})
 
-def example_feeds(model: Model, seed: int = 0,
-                  dims: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
-    """Random feeds matching a model's inputs; symbolic dims take `dims[name]` or 1.
 
-    Floats are N(0, 1), integers in [0, 10), booleans fair coins: enough to run and compare.
+def default_shape(info: TensorInfo, dims: Mapping[str, int] | None = None) -> tuple[int, ...]:
+    """A concrete shape for an input: static dims as the model says, symbolic ones from `dims`
+    (by dim name) or `DEFAULT_DIMS` by the input's kind; a rankless input is taken as a scalar."""
+    shape = info.shape or ()
+    image = len(shape) == 4 and (shape[1] in (1, 3, 4) or shape[3] in (1, 3, 4))
+    channels = 1 if image and shape[1] in (1, 3, 4) else 3
+    concrete = []
+    for axis, dim in enumerate(shape):
+        if isinstance(dim, int) and dim > 0:
+            concrete.append(dim)
+        elif isinstance(dim, str) and dim in (dims or {}):
+            concrete.append(int(dims[dim]))
+        elif axis == 0 and len(shape) >= 2:
+            concrete.append(DEFAULT_DIMS["batch"])
+        elif image and axis != channels:
+            concrete.append(DEFAULT_DIMS["image"])
+        else:
+            concrete.append(DEFAULT_DIMS["other"])
+    return tuple(concrete)
+
+
+def example_feeds(model: Model, seed: int = 0, dims: Mapping[str, int] | None = None,
+                  shapes: Mapping[str, Sequence[int]] | None = None) -> dict[str, np.ndarray]:
+    """Random feeds matching a model's inputs: shapes from `shapes` (by input name), else
+    `default_shape` (symbolic dims from `dims` by dim name, else `DEFAULT_DIMS`).
+
+    Floats are N(0, 1), integers in [0, 10), booleans fair coins: enough to run and compare,
+    not to stand for real data (a sample-rate or length input needs its real value).
+    Raises ValueError naming an input of a kind or type that has no example values.
     """
     rng = np.random.default_rng(seed)
     feeds: dict[str, np.ndarray] = {}
@@ -367,7 +396,7 @@ def example_feeds(model: Model, seed: int = 0,
         if info.kind != "tensor" or info.dtype is None:
             raise ValueError(f"model {model.label!r}: cannot make an example for input {info.name!r} "
                              f"of kind {info.kind}")
-        shape = [d if isinstance(d, int) else (dims or {}).get(str(d), 1) for d in (info.shape or ())]
+        shape = tuple(shapes[info.name]) if shapes and info.name in shapes else default_shape(info, dims)
         if info.dtype.kind == "f":
             feeds[info.name] = rng.standard_normal(shape).astype(info.dtype)
         elif info.dtype.kind in "iu":

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
+from typing import Any
 
 from hetero import executors as executor_registry
 from hetero.errors import PlanError
 from hetero.executors import Executor
 from hetero.graph import Model
-from hetero.planner.cost import CostModel, ExecutorProfile, Progress
+from hetero.planner.cost import CostModel, ExecutorProfile, Progress, learn_switches
 from hetero.planner.placement import Capability, forget, place_manual, place_priority, reject
 from hetero.planner.plan import HOST, CandidateReport, Partition, Plan, Transfer, build_plan
 from hetero.planner.search import Candidate, candidates, estimate
@@ -49,23 +50,30 @@ def plan(model: Model, executors: Sequence[str | Executor] | None = None, policy
 
 def search(model: Model, executors: Sequence[str | Executor] | None = None, *,
            progress: Progress | None = None, profiles: Mapping[str, ExecutorProfile] | None = None,
-           scale: Mapping[str, float] | None = None) -> list[Candidate]:
+           scale: Mapping[str, float] | None = None, shapes: Mapping[str, Sequence[int]] | None = None,
+           values: Callable[[], Mapping[str, Any]] | None = None,
+           profile: Collection[str] | None = None) -> list[Candidate]:
     """Profile what is not measured yet, then return candidate placements, best estimate first.
 
-    `scale` calibrates each executor's node costs (see `CostModel.node`)."""
+    `scale` calibrates each executor's node costs (see `CostModel.node`); `shapes` and `values`
+    are the run planned for (concrete shapes, and the values every node sees: see `CostModel`);
+    without `values` unmeasured nodes are estimated. `profile` limits node measurements to the
+    executors named (the others are estimated)."""
     chosen = executor_registry.resolve(executors)
     capability = Capability(model, chosen)
-    costs = CostModel(model, chosen, profiles, scale)
+    costs = CostModel(model, chosen, profiles, scale, shapes=shapes, values=values, profile=profile)
     able = {node.index: capability.candidates(node) for node in model.nodes}
     costs.measure(costs.unmeasured(able), progress)
     found = candidates(model, capability, costs)
     for candidate in found:
+        parts = candidate.plan.partitions
         candidate.plan.partition_estimates = {
             p.index: costs.overhead_ms(p.executor) + sum(costs.node(n, p.executor).ms for n in p.nodes)
-            for p in candidate.plan.partitions}
+            + (costs.switch_ms(parts[p.index - 1].executor, p.executor) if p.index else 0.0)
+            for p in parts}
     return found
 
 
 __all__ = ["HOST", "MEASURED_POLICIES", "POLICIES", "Candidate", "CandidateReport", "Capability",
-           "CostModel", "ExecutorProfile", "Partition", "Plan", "Transfer", "estimate", "forget", "plan",
-           "reject", "search"]
+           "CostModel", "ExecutorProfile", "Partition", "Plan", "Transfer", "estimate", "forget",
+           "learn_switches", "plan", "reject", "search"]

@@ -1,11 +1,12 @@
 """The cost model: how long a node takes on an executor, and a tensor on a link between memory spaces.
 
 Measured where possible: the node alone, compiled by the executor, run on the real values it sees
-in the model (captured once by the exact host executor) — warm-up, repeats, median — minus the
-executor's cost of an empty call, which is charged once per partition instead. Measurements are
-cached on disk keyed by executor (library, version, device, threads, precision) and node
-signature (op, attributes, input shapes and dtypes), so the second planning of a model, or of
-another model sharing its layers, measures nothing.
+in the model on representative inputs (captured by the caller, see `hetero.runtime.samples`) —
+warm-up, repeats, median — minus the executor's cost of an empty call, which is charged once per
+partition instead. Measurements are cached on disk keyed by executor (library, version, device,
+threads, precision), node signature (op, attributes, input shapes and dtypes) and the concrete
+shapes of the run (the shape profile), so the second planning of a model, or of another model
+sharing its layers, measures nothing.
 
 Estimated otherwise: a roofline from the executor's probed peak GFLOP/s and bandwidth
 (`hetero devices --probe`), or from a described device's figures in a profile file.
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -23,10 +24,9 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from hetero import executors as executor_registry
 from hetero.cache import JsonStore
-from hetero.executors import Executor
-from hetero.graph import Model, Node, example_feeds
+from hetero.executors import Executor, is_accelerator
+from hetero.graph import Model, Node
 from hetero.planner.work import bytes_moved, flops
 
 Progress = Callable[[int, int, str], None]
@@ -122,23 +122,49 @@ def probe(executor: Executor, refresh: bool = False) -> ExecutorProfile:
     return profile
 
 
-def capture_values(model: Model, feeds: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
-    """Every value of one run of the model on the exact host executor (real inputs for profiling)."""
-    proto = onnx.ModelProto()
-    proto.CopyFrom(model.proto)
-    known = {o.name for o in proto.graph.output}
-    for node in model.nodes:
-        for name in node.outputs:
-            if name and name not in known:
-                info = model.value_info(name)
-                proto.graph.output.append(info if info is not None else onnx.ValueInfoProto(name=name))
-                known.add(name)
-    compiled = executor_registry.reference().compile(proto)
-    feeds = dict(feeds) if feeds is not None else example_feeds(model)
-    values = dict(zip(compiled.output_names, compiled([feeds[n] for n in compiled.input_names]),
-                      strict=True))
-    values.update(feeds)
-    return values
+def measure_switch(source: Executor, target: Executor, rounds: int = 9) -> float:
+    """Milliseconds one switch from `source` to `target` adds to a request, measured: the same
+    convolution compiled on both, run in turns (source, target) against each run twice in a row.
+    What it catches is what node timings cannot: a library's threads spinning or sleeping after
+    its call while the next library wants the cores, caches refilled, thread pools woken."""
+    model = _single_op_model("Conv", [[1, 32, 56, 56], [32, 32, 3, 3]], [1, 32, 56, 56], pads=[1, 1, 1, 1])
+    rng = np.random.default_rng(0)
+    data = [rng.standard_normal(s).astype(np.float32) for s in ([1, 32, 56, 56], [32, 32, 3, 3])]
+    runs = []
+    for executor in (source, target):
+        compiled = executor.compile(model)
+        args = [executor.to_device(a) for a in data]
+        runs.append(lambda compiled=compiled, args=args, executor=executor: (
+            compiled(args), executor.synchronize()))
+    first, second = runs
+
+    def pair(a: Callable[[], Any], b: Callable[[], Any]) -> Callable[[], None]:
+        return lambda: (a(), b())
+
+    times = {}
+    for name, call in (("switch", pair(first, second)), ("source", pair(first, first)),
+                       ("target", pair(second, second))):
+        times[name] = time_call(call, min_repeats=rounds, max_repeats=rounds)
+    return max(times["switch"] - (times["source"] + times["target"]) / 2, 0.0) * 1e3
+
+
+def _switch_key(source: str, target: str) -> str:
+    return f"switch|{source}|{target}"
+
+
+def learn_switches(switches: Sequence[tuple[Executor, Executor]], excess_ms: float) -> None:
+    """Correct the switch costs of the executor pairs a measured plan switches between by what the
+    plan took beyond its estimate (negative: less), spread evenly over its switches. Measured
+    mixed plans are the truth a two-library probe only approximates: thread pools and fusion lost
+    at every cut cost more inside a real model."""
+    if not switches:
+        return
+    delta = excess_ms / len(switches)
+    for source, target in dict.fromkeys((a.name, b.name) for a, b in switches):
+        by_name = {e.name: e for pair in switches for e in pair}
+        key = _switch_key(executor_key(by_name[source]), executor_key(by_name[target]))
+        _costs.put(key, max(float(_costs.get(key) or 0.0) + delta, 0.0))
+    _costs.save()
 
 
 @dataclass(frozen=True)
@@ -148,17 +174,28 @@ class NodeCost:
 
 
 class CostModel:
-    """Node and transfer costs for one model on a set of executors (measured, else estimated)."""
+    """Node and transfer costs for one model on a set of executors (measured, else estimated).
+
+    `shapes` (value name -> concrete shape in the run planned for) keys measurements by shape
+    profile; `values` gives the values every node sees in that run, called only when something
+    is to be measured. Without `values` nothing is measured: unmeasured nodes are estimated.
+    """
 
     def __init__(self, model: Model, executors: Sequence[Executor],
                  profiles: Mapping[str, ExecutorProfile] | None = None,
-                 scale: Mapping[str, float] | None = None):
+                 scale: Mapping[str, float] | None = None, *,
+                 shapes: Mapping[str, Sequence[int]] | None = None,
+                 values: Callable[[], Mapping[str, Any]] | None = None,
+                 profile: Collection[str] | None = None):
         self.model = model
         self.executors = list(executors)
         self.scale = dict(scale or {})
         self._profiles = dict(profiles or {})
         self._keys = {e.name: executor_key(e) for e in self.executors if e.name not in self._profiles}
-        self._values: dict[str, Any] | None = None
+        self._shapes = dict(shapes or {})
+        self._capture = values
+        self._profile = None if profile is None else set(profile)
+        self._values: Mapping[str, Any] | None = None
 
     def profile_of(self, executor: Executor) -> ExecutorProfile:
         if executor.name not in self._profiles:
@@ -166,7 +203,9 @@ class CostModel:
         return self._profiles[executor.name]
 
     def _key(self, node: Node, executor: Executor) -> str:
-        return f"node|{self._keys[executor.name]}|{self.model.signature(node)}"
+        profile = ";".join("x".join(map(str, self._shapes[n])) if n in self._shapes else "?"
+                           for n in node.all_inputs)
+        return f"node|{self._keys[executor.name]}|{self.model.signature(node)}|{profile}"
 
     def node(self, node: Node, executor: Executor) -> NodeCost:
         """Cost of `node` alone on `executor`, without the per-partition call overhead, times the
@@ -182,6 +221,30 @@ class CostModel:
     def overhead_ms(self, executor: Executor) -> float:
         return self.profile_of(executor).overhead_ms
 
+    def switch_ms(self, source: Executor | None, target: Executor) -> float:
+        """What a request pays when `target` takes over from `source` on one resource (measured
+        once per pair and cached; see `measure_switch`), besides `target`'s call overhead. Zero
+        when either end is an accelerator (its work overlaps the host's) or was described, not
+        measured. Host libraries, and OpenCL on the CPU, share the cores: there it is measured."""
+        if source is None or source.name == target.name:
+            return 0.0
+        if source.resource != target.resource and (is_accelerator(source) or is_accelerator(target)):
+            return 0.0
+        if source.name not in self._keys or target.name not in self._keys:
+            return 0.0
+        key = _switch_key(self._keys[source.name], self._keys[target.name])
+        cached = _costs.get(key)
+        if cached is None and self._profile is not None and not {source.name, target.name} <= self._profile:
+            return 0.0  # executors not worth profiling here are not worth a measurement either
+        if cached is None:
+            try:
+                cached = measure_switch(source, target)
+            except Exception:
+                cached = 0.0  # one of them cannot run the probe: no evidence of a cost
+            _costs.put(key, cached)
+            _costs.save()
+        return float(cached)
+
     def transfer_ms(self, nbytes: int | None, source: Executor | None, target: Executor | None) -> float:
         """Moving `nbytes` from one executor's memory space to another's, through the host."""
         if source is not None and target is not None and source.memory_space == target.memory_space:
@@ -195,12 +258,14 @@ class CostModel:
         return total
 
     def unmeasured(self, capable: Mapping[int, Sequence[Executor]]) -> list[tuple[Node, Executor]]:
-        """(node, executor) pairs with no measurement yet, one per distinct signature."""
+        """(node, executor) pairs with no measurement yet, one per distinct signature, on the
+        executors to profile."""
         seen: set[str] = set()
         missing = []
         for node in self.model.nodes:
             for executor in capable.get(node.index, ()):
-                if executor.name not in self._keys:
+                if executor.name not in self._keys or (self._profile is not None
+                                                       and executor.name not in self._profile):
                     continue
                 key = self._key(node, executor)
                 if key not in seen and _costs.get(key) is None:
@@ -210,10 +275,10 @@ class CostModel:
 
     def measure(self, pairs: Sequence[tuple[Node, Executor]], progress: Progress | None = None) -> int:
         """Measure nodes on executors with the model's real values; returns how many were measured."""
-        if not pairs:
+        if not pairs or self._capture is None:
             return 0
         if self._values is None:
-            self._values = capture_values(self.model)
+            self._values = self._capture()
         for done, (node, executor) in enumerate(pairs, 1):
             if progress:
                 progress(done, len(pairs), f"{node.op_type} on {executor.name}")

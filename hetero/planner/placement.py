@@ -55,11 +55,18 @@ class Capability:
         for executor in executors or self.executors:
             if self.can(executor, node):
                 return executor
-        tried = ", ".join(e.name for e in executors or self.executors)
+        tried = "; ".join(f"{e.name}: {self.reason(e, node)}" for e in executors or self.executors)
         raise PlanError(
             f"model {self.model.label!r}: no executor can run node {node.name!r} "
-            f"({node.qualified_type}, opset {node.since_version}); tried {tried}. Add 'numpy' to the "
+            f"({node.qualified_type}, opset {node.since_version}). Tried {tried}. Add 'numpy' to the "
             "executors, or register a kernel with hetero.kernel() for a custom op")
+
+    def reason(self, executor: Executor, node: Node) -> str:
+        """Why `executor` does not run `node` (for errors)."""
+        with _rejected_lock:
+            if (executor.name, self.model.signature(node)) in _rejected:
+                return "rejected it when compiling"
+        return executor.decline(node, self.model) or "declined"
 
 
 def place_priority(capability: Capability) -> list[Executor]:

@@ -35,9 +35,11 @@ def estimate(plan: Plan, costs: CostModel) -> float:
     """Estimated time of one request through a plan: node costs, one call overhead per partition,
     transfers; partitions run one after another (executors sharing a device never overlap)."""
     total = 0.0
+    previous = None
     for part in plan.partitions:
-        total += costs.overhead_ms(part.executor)
+        total += costs.overhead_ms(part.executor) + costs.switch_ms(previous, part.executor)
         total += sum(costs.node(node, part.executor).ms for node in part.nodes)
+        previous = part.executor
     by_space = {p.executor.memory_space: p.executor for p in plan.partitions}
     for transfer in plan.transfers:
         source, target = by_space.get(transfer.source), by_space.get(transfer.target)
@@ -47,7 +49,9 @@ def estimate(plan: Plan, costs: CostModel) -> float:
 
 def chain_assignment(model: Model, capability: Capability, costs: CostModel,
                      penalty: float = 1.0) -> list[Executor]:
-    """Minimum of node costs + penalty x switch costs over the topological chain (Viterbi).
+    """Minimum of node costs + penalty x switch costs over the topological chain (Viterbi); a
+    switch costs the new partition's call overhead, the measured cost of handing the resource from
+    one library to the other, and the transfer of what crosses.
 
     A node reading the model's inputs, or producing its outputs, away from host memory also pays
     for their copies: so a device with a slow link is not chosen for small work at the edges."""
@@ -77,7 +81,8 @@ def chain_assignment(model: Model, capability: Capability, costs: CostModel,
                 switch = 0.0
                 if before.name != executor.name:
                     moved = costs.transfer_ms(incoming_bytes, before, executor) if incoming_bytes else 0.0
-                    switch = penalty * (costs.overhead_ms(executor) + moved)
+                    switch = penalty * (costs.overhead_ms(executor) + costs.switch_ms(before, executor)
+                                        + moved)
                 options.append((best[before.name] + switch, before.name))
             if options:
                 score, came_from = min(options)

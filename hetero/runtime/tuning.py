@@ -10,26 +10,35 @@ cached on disk by model structure and placement, so planning again measures noth
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import itertools
+import math
 import statistics
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from hetero import executors as executor_registry
 from hetero import planner
 from hetero.cache import JsonStore
-from hetero.errors import ExecutorUnavailableError, PlanError
+from hetero.errors import ExecutorUnavailableError, InputError, PlanError
 from hetero.executors import Executor, default_threads, is_accelerator
-from hetero.graph import Model, example_feeds
+from hetero.graph import Model, complete
 from hetero.planner import Candidate, CandidateReport, Plan
 from hetero.planner.cost import Progress, executor_key, time_call
 from hetero.runtime.replicas import ReplicaPool
+from hetero.runtime.samples import SampleInputs, exact_executors, made_up, observe, profile, representative
 from hetero.runtime.session import Session, compile_plan
 
 MEASURE_TOP = 3  # searched placements measured besides every single-library plan
 FINALISTS = 3  # the fastest measured candidates, raced again in interleaved rounds
 PRECISION_TOLERANCE = 0.01  # relative L2 output error a reduced-precision candidate may add
+PROFILE_WITHIN = 1.5  # executors whose single-library plan is this close to the best get nodes measured
+SEARCH_ROUNDS = 2  # searches for mixed placements, each after learning from the last one's measurements
+GIVE_UP = 2.0  # a candidate this much slower than the best so far after one warm run is not timed further
 _plans = JsonStore("plans")
 
 
@@ -41,28 +50,48 @@ def _key(model: Model, kind: str, names: Sequence[str]) -> str:
 
 def tune_latency(model: Model, executors: Sequence[str | Executor] | None, *,
                  progress: Progress | None = None, max_in_flight: int = 16,
-                 allow_precision: str | None = None, tolerance: float = PRECISION_TOLERANCE) -> Session:
+                 allow_precision: str | None = None, tolerance: float = PRECISION_TOLERANCE,
+                 sample_inputs: SampleInputs | None = None,
+                 input_shapes: Mapping[str, Sequence[int]] | None = None) -> Session:
     """Measure candidate placements whole and return a session of the fastest.
 
-    First every single-library plan is measured; their measured-over-estimated ratios calibrate
-    each executor's node costs; the search then runs again on calibrated costs and its best few
-    placements are measured too. With `allow_precision="bf16"`, executors' bf16 variants join the
-    search, and a candidate using one is kept only if every output stays within `tolerance`
-    (relative L2 error against the exact fp32 reference, on the calibration inputs).
+    Planning runs on representative inputs: `sample_inputs` (one feeds dict or several), else
+    random values of `input_shapes`, else of the model's dims with `DEFAULT_DIMS` for symbolic
+    ones. First every single-library plan is measured; their measured-over-estimated ratios
+    calibrate each executor's node costs; the search then runs again on calibrated costs and its
+    best few placements are measured too. With `allow_precision="bf16"`, executors' bf16 variants
+    join the search, and a candidate using one is kept only if every output stays within
+    `tolerance` (relative L2 error against the exact fp32 reference, on every sample). When the
+    model cannot run on the inputs made up for it, this warns naming them and returns the
+    `priority` plan instead of raising.
     """
     chosen = executor_registry.resolve(executors)
     if allow_precision:
         chosen += _variants(chosen, allow_precision)
-    feeds = example_feeds(model)
-    reference = _reference_outputs(model, feeds) if allow_precision else None
+    try:
+        samples = representative(model, sample_inputs, input_shapes, count=1 if sample_inputs else 3)
+        feeds = samples[0]
+        observed = observe(model, feeds)
+    except InputError:
+        raise
+    except Exception as exc:
+        return _fall_back(model, executors, max_in_flight, sample_inputs, input_shapes, exc)
+    model = complete(model, observed.types)
+    kind = f"latency|{profile(feeds)}"
+    decided = _key(model, f"chosen|{kind}|{allow_precision}", [e.name for e in chosen])
+    if _plans.get(decided) is not None:  # planned before for this shape profile: nothing to measure
+        with contextlib.suppress(Exception):
+            return _recall(model, chosen, _plans.get(decided), feeds, max_in_flight)
+    reference = _reference_outputs(model, samples) if allow_precision else None
     measured: dict[tuple[str, ...], tuple[Candidate, float, Session | None]] = {}
     rejected: list[CandidateReport] = []
+    failures: list[str] = []
 
     def measure(candidate: Candidate) -> None:
         names = tuple(e.name for e in candidate.assignment)
         if names in measured or any(r.name == candidate.name for r in rejected):
             return
-        key = _key(model, "latency", names)
+        key = _key(model, kind, names)
         cached = _plans.get(key)
         reduced = any(getattr(e, "precision", "fp32") != "fp32" for e in candidate.assignment)
         if cached is not None and not reduced:
@@ -70,52 +99,132 @@ def tune_latency(model: Model, executors: Sequence[str | Executor] | None, *,
             return
         try:
             session = _session(model, chosen, candidate, max_in_flight)
+            sessions.append(session)
             if reduced and reference is not None:
-                error = _relative_error(session.run(feeds), reference)
-                if error > tolerance:
+                errors = _relative_errors(session, samples, reference)
+                worst = max(errors.values(), default=0.0)
+                note = "output error " + ", ".join(f"{n} {e:.2%}" for n, e in errors.items())
+                if worst > tolerance:
+                    session.close()
                     rejected.append(CandidateReport(candidate.name, candidate.estimate_ms, None, False,
-                                                    f"output error {error:.2%} > {tolerance:.2%}"))
+                                                    f"{note} > {tolerance:.2%} on {len(samples)} inputs"))
                     return
-            ms = float(cached) if cached is not None else (
-                time_call(lambda: session.run(feeds), min_repeats=5, budget_s=1.0) * 1e3)
+                candidate.plan.notes.append(f"{candidate.name}: {note} on {len(samples)} inputs")
+            ms = float(cached) if cached is not None else _time_candidate(session, feeds, best_ms())
         except Exception as exc:
-            candidate.plan.notes.append(f"candidate {candidate.name} failed: {exc}")
+            failures.append(f"candidate {candidate.name} failed: {exc}")
             return
         _plans.put(key, ms)
         measured[names] = (candidate, ms, session)
 
+    def best_ms() -> float | None:
+        return min((ms for _, ms, _ in measured.values()), default=None)
+
     executors = chosen
-    found = planner.search(model, executors, progress=progress)
-    singles = [c for c in found if c.name.endswith(" alone")]
-    for candidate in singles:
+    sessions: list[Session] = []
+    searching = {"shapes": observed.shapes, "values": observed.values}
+    for candidate in _singles(planner.search(model, executors, shapes=observed.shapes)):
         measure(candidate)
+    alone = {c.name.removesuffix(" alone"): ms for c, ms, _ in measured.values() if c.name.endswith(" alone")}
+    fast = {name for name, ms in alone.items() if ms <= PROFILE_WITHIN * min(alone.values(), default=0)}
+    found = planner.search(model, executors, progress=progress, profile=fast, **searching)
     scale = {}
-    for candidate in singles:
+    for candidate in _singles(found):
         names = tuple(e.name for e in candidate.assignment)
         if names in measured and candidate.estimate_ms > 0:
             scale[candidate.name.removesuffix(" alone")] = measured[names][1] / candidate.estimate_ms
-    for candidate in [c for c in planner.search(model, executors, scale=scale)
-                      if not c.name.endswith(" alone")][:MEASURE_TOP]:
-        measure(candidate)
+    for round_ in range(SEARCH_ROUNDS):
+        mixed = [c for c in planner.search(model, executors, scale=scale, profile=fast, **searching)
+                 if not c.name.endswith(" alone")][:MEASURE_TOP]
+        fresh = [c for c in mixed if tuple(e.name for e in c.assignment) not in measured]
+        if round_ and not any(c.estimate_ms < (best_ms() or math.inf) for c in fresh):
+            break
+        for candidate in fresh:
+            measure(candidate)
+            names = tuple(e.name for e in candidate.assignment)
+            if names in measured:  # what its switches really cost corrects the next search
+                planner.learn_switches(_switches(candidate.plan), measured[names][1] - candidate.estimate_ms)
     live = sorted((item for item in measured.items() if item[1][2] is not None), key=lambda item: item[1][1])
     if len(live) > 1:  # raced times are kept apart: calibration stays on the single measurements
         finalists = {names: session for names, (_, _, session) in live[:FINALISTS]}
         for names, ms in _race(finalists, feeds).items():
-            _plans.put(_key(model, "raced", names), ms)
+            _plans.put(_key(model, f"raced|{kind}", names), ms)
     for names, (candidate, ms, session) in measured.items():
-        raced = _plans.get(_key(model, "raced", names))
+        raced = _plans.get(_key(model, f"raced|{kind}", names))
         measured[names] = (candidate, ms if raced is None else float(raced), session)
     _plans.save()
     if not measured:
-        raise PlanError(f"model {model.label!r}: no candidate placement could be compiled and run")
+        return _fall_back(model, executors, max_in_flight, sample_inputs, input_shapes,
+                          PlanError("; ".join(failures) or "no candidate placement could be compiled"))
     best, _, session = min(measured.values(), key=lambda item: item[1])
-    for _, _, other in measured.values():
-        if other is not None and other is not session:
+    for other in sessions:
+        if other is not session:
             other.close()
     if session is None:
         session = _session(model, executors, best, max_in_flight)
     reports = [CandidateReport(c.name, c.estimate_ms, ms, c is best) for c, ms, _ in measured.values()]
+    session.plan.notes.extend([*failures, *best.plan.notes])
     _explain(session, reports + rejected, best.plan.partition_estimates, feeds)
+    assignment = {n.name: e.name for n, e in zip(model.nodes, best.assignment, strict=True)}
+    _plans.put(decided, {"assignment": assignment, "estimates": best.plan.partition_estimates,
+                         "candidates": [dataclasses.astuple(r) for r in session.plan.candidates],
+                         "notes": session.plan.notes})
+    _plans.save()
+    return session
+
+
+def _recall(model: Model, executors: Sequence[Executor], decided: dict, feeds: dict,
+            max_in_flight: int) -> Session:
+    """The session of a placement chosen by an earlier planning, with what that planning reported."""
+    session = compile_plan(model, executors, "latency", assignment=decided["assignment"],
+                           max_in_flight=max_in_flight)
+    session.plan.notes.extend(decided["notes"])
+    estimates = {int(k): v for k, v in decided["estimates"].items()}
+    _explain(session, [CandidateReport(*r) for r in decided["candidates"]], estimates, feeds)
+    return session
+
+
+def _switches(plan: Plan) -> list[tuple[Executor, Executor]]:
+    """Consecutive partitions on different executors, in the order a request runs them."""
+    parts = plan.partitions
+    return [(a.executor, b.executor) for a, b in itertools.pairwise(parts)
+            if a.executor.name != b.executor.name]
+
+
+def _singles(found: Sequence[Candidate]) -> list[Candidate]:
+    """The single-library candidates: graph compilers first (the fastest are usually among them,
+    and an early fast time lets slow candidates stop after one run), then by estimate."""
+    alone = [c for c in found if c.name.endswith(" alone")]
+    graph_compiler = {c.name: any(e.compiles_graphs and c.name == f"{e.name} alone" for e in c.assignment)
+                      for c in alone}
+    return sorted(alone, key=lambda c: (not graph_compiler[c.name], c.estimate_ms))
+
+
+def _time_candidate(session: Session, feeds: dict, best_ms: float | None) -> float:
+    """Median ms of a candidate's warm runs; one already `GIVE_UP`x slower than the best so far is
+    not run again (it cannot win, and a slow library's runs are what cold planning waits on)."""
+    session.run(feeds)
+    start = time.perf_counter()
+    session.run(feeds)
+    first = (time.perf_counter() - start) * 1e3
+    if best_ms is not None and first > GIVE_UP * best_ms:
+        return first
+    return time_call(lambda: session.run(feeds), min_repeats=5, budget_s=1.0) * 1e3
+
+
+def _fall_back(model: Model, executors: Sequence[str | Executor] | None, max_in_flight: int,
+               sample_inputs: SampleInputs | None, input_shapes: Mapping[str, Sequence[int]] | None,
+               error: BaseException) -> Session:
+    """The priority plan, with a warning saying why measuring failed and which inputs it needs."""
+    guessed = made_up(model, sample_inputs, input_shapes)
+    needs = (f"it needs representative values for {'; '.join(guessed)}: pass sample_inputs= (CLI "
+             "--input NAME=file.npy) or input_shapes= (--shape NAME=1x3x640x640)") if guessed else \
+        "the inputs given do not run"
+    message = (f"model {model.label!r}: measured planning failed ({' '.join(str(error).split())[:400]}); "
+               f"{needs}. Keeping the priority plan.")
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    session = compile_plan(model, executors, "priority", max_in_flight=max_in_flight)
+    session.plan.notes.append(message)
     return session
 
 
@@ -148,20 +257,30 @@ def _variants(executors: list[Executor], precision: str) -> list[Executor]:
     return variants
 
 
-def _reference_outputs(model: Model, feeds: dict) -> dict:
-    return compile_plan(model, [executor_registry.reference()]).run(feeds)
+def _reference_outputs(model: Model, samples: Sequence[dict]) -> list[dict]:
+    """The exact outputs for each sample, run by the exact executors present."""
+    session = compile_plan(model, exact_executors(), max_in_flight=1)
+    try:
+        return [session.run(feeds) for feeds in samples]
+    finally:
+        session.close()
 
 
-def _relative_error(outputs: dict, reference: dict) -> float:
-    """Largest relative L2 error over the outputs (float outputs; others must match exactly)."""
-    worst = 0.0
-    for name, expected in reference.items():
-        got, want = np.asarray(outputs[name]), np.asarray(expected)
-        if want.dtype.kind != "f":
-            worst = max(worst, 0.0 if np.array_equal(got, want) else float("inf"))
-            continue
-        scale = float(np.linalg.norm(want.astype(np.float64))) or 1.0
-        worst = max(worst, float(np.linalg.norm((got - want).astype(np.float64))) / scale)
+def _relative_errors(session: Session, samples: Sequence[dict],
+                     reference: Sequence[dict]) -> dict[str, float]:
+    """Worst relative L2 error of each output over the samples (float outputs; others must match
+    exactly, else the error is infinite)."""
+    worst: dict[str, float] = {}
+    for feeds, expected_outputs in zip(samples, reference, strict=True):
+        outputs = session.run(feeds)
+        for name, expected in expected_outputs.items():
+            got, want = np.asarray(outputs[name]), np.asarray(expected)
+            if want.dtype.kind != "f":
+                error = 0.0 if np.array_equal(got, want) else float("inf")
+            else:
+                scale = float(np.linalg.norm(want.astype(np.float64))) or 1.0
+                error = float(np.linalg.norm((got - want).astype(np.float64))) / scale
+            worst[name] = max(worst.get(name, 0.0), error)
     return worst
 
 
@@ -178,25 +297,31 @@ def _explain(session: Session, reports: list[CandidateReport], estimates: dict[i
     plan.candidates = sorted(reports, key=lambda r: (r.measured_ms is None, r.measured_ms))
     plan.partition_estimates = dict(estimates) if len(estimates) == len(plan.partitions) else {}
     with session.tracing() as trace:
-        for _ in range(3):
-            session.run(feeds)
+        session.run(feeds)
     measured = trace.partition_ms()
     plan.partition_measured = {p.index: measured[f"#{p.index}"] for p in plan.partitions
                                if f"#{p.index}" in measured}
 
 
 def tune_throughput(model: Model, executors: Sequence[str | Executor] | None, *,
-                    progress: Progress | None = None, seconds: float = 2.0) -> Session | ReplicaPool:
-    """Replicas against one pipelined session: the higher measured requests per second wins.
+                    progress: Progress | None = None, seconds: float = 2.0,
+                    sample_inputs: SampleInputs | None = None,
+                    input_shapes: Mapping[str, Sequence[int]] | None = None) -> Session | ReplicaPool:
+    """Replicas against one pipelined session: the higher measured requests per second wins (on
+    representative inputs, as `tune_latency`).
 
     Replicas are one per accelerator (placed by `latency` on it and the host libraries, once per
     kind of card) and one per CPU stream (host libraries alone, each stream a slice of the cores).
     Partitions on one device take turns, so an accelerator gets one replica, never one per stream.
     Measured: the accelerators' replicas, the CPU streams', and both together.
     """
-    latency_session = tune_latency(model, executors, progress=progress)
+    latency_session = tune_latency(model, executors, progress=progress, sample_inputs=sample_inputs,
+                                   input_shapes=input_shapes)
+    if latency_session.plan.policy == "priority":  # measuring failed; the session says why
+        return latency_session
+    model = latency_session.plan.model
     chosen = executor_registry.resolve(executors)
-    feeds = example_feeds(model)
+    feeds = representative(model, sample_inputs, input_shapes)[0]
     host = [e for e in chosen if not is_accelerator(e)]
     cards = _accelerator_replicas(model, chosen, host, latency_session, progress)
     streams = _stream_replicas(model, host, latency_session, progress) if default_threads() > 1 else []
@@ -210,7 +335,7 @@ def tune_throughput(model: Model, executors: Sequence[str | Executor] | None, *,
                         ReplicaPool([*cards, *streams])))
     results = []
     for name, runner in options:
-        key = _key(model, "throughput", [name, *(e.name for e in chosen)])
+        key = _key(model, f"throughput|{profile(feeds)}", [name, *(e.name for e in chosen)])
         rate = _plans.get(key)
         if rate is None:
             rate = measure_rate(runner, feeds, seconds)
