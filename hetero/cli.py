@@ -43,6 +43,10 @@ DimOption = Annotated[list[str] | None, typer.Option(
 SimulateOption = Annotated[Path | None, typer.Option(
     "--simulate", help="Devices file (YAML/JSON): add the simulated cards (sim@sim:N) and host (sim@cpu) it "
     "declares, paced to its figures; see examples/devices/.")]
+InputOption = Annotated[list[str] | None, typer.Option(
+    "--input", "-i", help="NAME=file.npy: a real input, planned and run on; repeatable.")]
+ShapeOption = Annotated[list[str] | None, typer.Option(
+    "--shape", help="NAME=1x3x640x640: an input's shape to plan (and run) on; repeatable.")]
 
 
 def _simulate(path: Path | None) -> None:
@@ -76,6 +80,23 @@ def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
             raise typer.BadParameter(f"{what} {item!r} must look like KEY=VALUE")
         pairs[key] = value
     return pairs
+
+
+def _shapes(items: list[str] | None) -> dict[str, list[int]] | None:
+    shapes = {}
+    for name, text in _pairs(items, "shape").items():
+        try:
+            shapes[name] = [int(d) for d in text.lower().split("x")]
+        except ValueError:
+            raise typer.BadParameter(f"--shape {name}={text}: dims must be integers joined by 'x', "
+                                     "e.g. 1x3x640x640") from None
+    return shapes or None
+
+
+def _sampling(inputs: list[str] | None, shapes: list[str] | None) -> dict:
+    """Representative inputs for measured planning from --input files and --shape."""
+    files = _pairs(inputs, "input")
+    return {"sample_inputs": _read_inputs(files) if files else None, "input_shapes": _shapes(shapes)}
 
 
 def _executors(text: str | None) -> list[str] | None:
@@ -167,9 +188,11 @@ def plan(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
              help="Draw the graph coloured by executor (graphviz).")] = None,
          describe: Annotated[Path | None, typer.Option(
              help="Devices file (YAML/JSON) of devices not on this host, to sketch a plan with estimates.")]
-         = None, simulate: SimulateOption = None) -> None:
+         = None, simulate: SimulateOption = None, inputs: InputOption = None,
+         shape: ShapeOption = None) -> None:
     """Show where each part of a model would run, what crosses memory spaces and, for measured
-    policies, the estimated and measured times and the candidates rejected."""
+    policies, the estimated and measured times and the candidates rejected (measured on --input
+    files, or random inputs of --shape, else of the model's dims)."""
     _simulate(simulate)
     try:
         loaded = hetero.load(model)
@@ -178,7 +201,8 @@ def plan(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
                 chosen = _sketch(loaded, _executors(executors), policy, describe, progress)
             else:
                 chosen = hetero.plan(loaded, _executors(executors), policy,
-                                     affinity=_pairs(affinity, "affinity"), progress=progress)
+                                     affinity=_pairs(affinity, "affinity"), progress=progress,
+                                     **_sampling(inputs, shape))
     except hetero.HeteroError as exc:
         _fail(exc)
     _print_plan(chosen)
@@ -221,13 +245,17 @@ def _draw(chosen: hetero.Plan, path: Path) -> None:
 
 @app.command()
 def profile(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-            executors: ExecutorsOption = None) -> None:
-    """Measure every node of a model on every executor that supports it and cache the times."""
+            executors: ExecutorsOption = None, inputs: InputOption = None, shape: ShapeOption = None) -> None:
+    """Measure every node of a model on every executor that supports it and cache the times
+    (on --input files, or random inputs of --shape, else of the model's dims)."""
+    from hetero.runtime.tuning import profile_nodes
+
     try:
         loaded = hetero.load(model)
         start = time.perf_counter()
         with _progress("profiling") as progress:
-            found = hetero.planner.search(loaded, _executors(executors), progress=progress)
+            found = profile_nodes(loaded, _executors(executors), progress=progress,
+                                  **_sampling(inputs, shape))
     except hetero.HeteroError as exc:
         _fail(exc)
     console.print(f"profiled {loaded.label} in {time.perf_counter() - start:.1f} s; best estimate: "
@@ -236,8 +264,7 @@ def profile(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
 
 @app.command()
 def run(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-        inputs: Annotated[list[str] | None, typer.Option(
-            "--input", "-i", help="NAME=file.npy; random inputs when none given.")] = None,
+        inputs: InputOption = None, shape: ShapeOption = None,
         executors: ExecutorsOption = None, policy: PolicyOption = "priority",
         affinity: AffinityOption = None, dim: DimOption = None,
         repeat: Annotated[int, typer.Option(help="Timed runs after the first.")] = 10,
@@ -249,11 +276,13 @@ def run(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     _simulate(simulate)
     try:
         loaded = hetero.load(model)
-        feeds = _feeds(loaded, _pairs(inputs, "input"), _pairs(dim, "dim"))
+        feeds = _feeds(loaded, _pairs(inputs, "input"), _pairs(dim, "dim"), _shapes(shape))
         start = time.perf_counter()
+        measured = {"sample_inputs": feeds, "input_shapes": _shapes(shape)} \
+            if policy in hetero.planner.MEASURED_POLICIES else {}
         with _progress("profiling") as progress:
             session = hetero.compile(loaded, _executors(executors), policy,
-                                     affinity=_pairs(affinity, "affinity"), progress=progress)
+                                     affinity=_pairs(affinity, "affinity"), progress=progress, **measured)
         compile_s = time.perf_counter() - start
         start = time.perf_counter()
         outputs = session.run(feeds)
@@ -388,8 +417,10 @@ def bench(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
           concurrency: Annotated[int, typer.Option(help="Clients sending requests at once.")] = 1,
           compare: Annotated[bool, typer.Option(
               help="Also run the native baselines in this process: OpenVINO THROUGHPUT hint, ONNX Runtime "
-              "sessions, torch.")] = False, simulate: SimulateOption = None) -> None:
-    """Measure inferences/s and latency percentiles under load, optionally against native libraries."""
+              "sessions, torch.")] = False, simulate: SimulateOption = None,
+          inputs: InputOption = None, shape: ShapeOption = None) -> None:
+    """Measure inferences/s and latency percentiles under load, optionally against native libraries
+    (on --input files, or random inputs of --shape, else of the model's dims)."""
     _simulate(simulate)
     try:
         loaded = hetero.load(model)
@@ -398,9 +429,10 @@ def bench(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
         if batch and not dims and any(i.shape and i.shape[0] != batch for i in loaded.inputs):
             raise hetero.InputError(f"model {loaded.label!r} has a static batch dimension; "
                                     "--batch cannot change it")
-        feeds = example_feeds(loaded, dims=dims)
+        feeds = _feeds(loaded, _pairs(inputs, "input"), {k: str(v) for k, v in dims.items()}, _shapes(shape))
+        measured = {"sample_inputs": feeds} if policy in hetero.planner.MEASURED_POLICIES else {}
         with _progress("profiling") as progress:
-            runner = hetero.compile(loaded, _executors(executors), policy, progress=progress)
+            runner = hetero.compile(loaded, _executors(executors), policy, progress=progress, **measured)
     except hetero.HeteroError as exc:
         _fail(exc)
     rows = int(next(iter(feeds.values())).shape[0]) if feeds and next(iter(feeds.values())).ndim else 1
@@ -492,12 +524,19 @@ def _baselines(model: hetero.Model, feeds: dict, duration: float, concurrency: i
     return results
 
 
-def _feeds(model: hetero.Model, files: dict[str, str], dims: dict[str, str]) -> dict[str, np.ndarray]:
+def _feeds(model: hetero.Model, files: dict[str, str], dims: dict[str, str],
+           shapes: dict[str, list[int]] | None = None) -> dict[str, np.ndarray]:
     try:
         sizes = {k: int(v) for k, v in dims.items()}
     except ValueError as exc:
         raise typer.BadParameter(f"--dim values must be integers: {exc}") from exc
-    feeds = example_feeds(model, dims=sizes) if len(files) < len(model.inputs) else {}
+    feeds = example_feeds(model, dims=sizes, shapes=shapes) if len(files) < len(model.inputs) else {}
+    feeds.update(_read_inputs(files))
+    return feeds
+
+
+def _read_inputs(files: dict[str, str]) -> dict[str, np.ndarray]:
+    feeds = {}
     for name, file in files.items():
         try:
             feeds[name] = np.load(file, allow_pickle=False)

@@ -68,7 +68,7 @@ def tensor_info(value_info: onnx.ValueInfoProto) -> TensorInfo:
     for dim in tensor_type.shape.dim:
         if dim.HasField("dim_value") and dim.dim_value >= 0:  # exporters write -1 for "dynamic"
             dims.append(int(dim.dim_value))
-        elif dim.HasField("dim_param"):
+        elif dim.HasField("dim_param") and dim.dim_param not in ("?", "-1"):  # exporters' "unknown"
             dims.append(dim.dim_param)
         else:
             dims.append(None)

@@ -184,6 +184,17 @@ def _recall(model: Model, executors: Sequence[Executor], decided: dict, feeds: d
     return session
 
 
+def profile_nodes(model: Model, executors: Sequence[str | Executor] | None, *,
+                  progress: Progress | None = None, sample_inputs: SampleInputs | None = None,
+                  input_shapes: Mapping[str, Sequence[int]] | None = None) -> list[Candidate]:
+    """Measure every node on every executor that supports it, on representative inputs (see
+    `tune_latency`), into the cache; returns the candidate placements, best estimate first."""
+    feeds = representative(model, sample_inputs, input_shapes)[0]
+    observed = observe(model, feeds)
+    return planner.search(complete(model, observed.types), executors, progress=progress,
+                          shapes=observed.shapes, values=observed.values)
+
+
 def _switches(plan: Plan) -> list[tuple[Executor, Executor]]:
     """Consecutive partitions on different executors, in the order a request runs them."""
     parts = plan.partitions
