@@ -268,3 +268,18 @@ def test_a_failed_replan_keeps_the_first_runner_serving():
     assert runner.status == "kept priority plan: no luck" and runner.runner is first
     assert runner.run(feeds)["out"].shape == (1, 6, 8, 8)
     runner.close()
+
+
+def test_reduced_precision_error_is_reported_per_output_over_every_sample():
+    from hetero.runtime.tuning import _relative_errors
+
+    class Halving:
+        def run(self, feeds):
+            return {"exact": feeds["x"], "rough": feeds["x"] * 0.5, "labels": np.array([1, 2])}
+
+    samples = [{"x": np.ones(4, np.float32)}, {"x": np.full(4, 2.0, np.float32)}]
+    reference = [{"exact": s["x"], "rough": s["x"], "labels": np.array([1, 2])} for s in samples]
+    errors = _relative_errors(Halving(), samples, reference)
+    assert errors == {"exact": 0.0, "rough": pytest.approx(0.5), "labels": 0.0}
+    reference[1]["labels"] = np.array([1, 3])  # integer outputs must match exactly
+    assert _relative_errors(Halving(), samples, reference)["labels"] == float("inf")

@@ -202,3 +202,30 @@ def test_described_devices_sketch_a_plan_with_estimates(tmp_path):
     (tmp_path / "bad.json").write_text('{"devices": [{"executor": "x@cuda:0"}]}')
     with pytest.raises(hetero.PlanError, match=r"devices\[0\]: needs 'like' and 'speed'.*'peak_gflops'"):
         load_described(tmp_path / "bad.json")
+
+
+def test_search_keeps_one_library_when_switching_costs_more_than_it_saves():
+    model = _chain_model(6)
+    executors = [StubExecutor(70), StubExecutor(71)]
+    # each library is faster on alternate nodes by 1 ms; a switch costs 2 ms
+    table = {i: {executors[0].name: 1.0 + i % 2, executors[1].name: 2.0 - i % 2} for i in range(6)}
+    switch = {(executors[0].name, executors[1].name): 2.0, (executors[1].name, executors[0].name): 2.0}
+    cheap = TableCosts(table, {e.name: 0.0 for e in executors}, per_byte=0.0)
+    dear = TableCosts(table, {e.name: 0.0 for e in executors}, per_byte=0.0, switch=switch)
+    capability = Capability(model, executors)
+    assert len({e.name for e in chain_assignment(model, capability, cheap)}) == 2
+    assert len({e.name for e in chain_assignment(model, capability, dear)}) == 1
+
+
+def test_measured_mixed_plans_correct_the_switch_costs(cache_dir):
+    from hetero.planner import cost
+
+    a, b = StubExecutor(80), StubExecutor(81)
+    key = cost._switch_key(cost.executor_key(a), cost.executor_key(b))
+    cost._costs.put(key, 1.0)
+    cost.learn_switches([(a, b), (b, a), (a, b)], excess_ms=6.0)  # 2 ms more per switch
+    assert cost._costs.get(key) == pytest.approx(3.0)
+    back = cost._switch_key(cost.executor_key(b), cost.executor_key(a))
+    assert cost._costs.get(back) == pytest.approx(2.0)
+    cost.learn_switches([(a, b)], excess_ms=-10.0)  # never below zero
+    assert cost._costs.get(key) == 0.0

@@ -52,18 +52,19 @@ def search(model: Model, executors: Sequence[str | Executor] | None = None, *,
            progress: Progress | None = None, profiles: Mapping[str, ExecutorProfile] | None = None,
            scale: Mapping[str, float] | None = None, shapes: Mapping[str, Sequence[int]] | None = None,
            values: Callable[[], Mapping[str, Any]] | None = None,
-           profile: Collection[str] | None = None) -> list[Candidate]:
+           profile: Collection[str] | None = None, budget_s: float | None = None) -> list[Candidate]:
     """Profile what is not measured yet, then return candidate placements, best estimate first.
 
     `scale` calibrates each executor's node costs (see `CostModel.node`); `shapes` and `values`
     are the run planned for (concrete shapes, and the values every node sees: see `CostModel`);
     without `values` unmeasured nodes are estimated. `profile` limits node measurements to the
-    executors named (the others are estimated)."""
+    executors named (the others are estimated); `budget_s` bounds the time spent measuring nodes
+    (the heaviest first)."""
     chosen = executor_registry.resolve(executors)
     capability = Capability(model, chosen)
     costs = CostModel(model, chosen, profiles, scale, shapes=shapes, values=values, profile=profile)
     able = {node.index: capability.candidates(node) for node in model.nodes}
-    costs.measure(costs.unmeasured(able), progress)
+    costs.measure(costs.unmeasured(able), progress, budget_s)
     found = candidates(model, capability, costs)
     for candidate in found:
         parts = candidate.plan.partitions

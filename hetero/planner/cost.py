@@ -273,20 +273,31 @@ class CostModel:
                     missing.append((node, executor))
         return missing
 
-    def measure(self, pairs: Sequence[tuple[Node, Executor]], progress: Progress | None = None) -> int:
-        """Measure nodes on executors with the model's real values; returns how many were measured."""
+    def measure(self, pairs: Sequence[tuple[Node, Executor]], progress: Progress | None = None,
+                budget_s: float | None = None) -> int:
+        """Measure nodes on executors with the model's real values; returns how many were measured.
+
+        With `budget_s`, the heaviest nodes (by roofline estimate) go first and measuring stops
+        when the budget is spent: the rest keep their estimates (and are measured next time)."""
         if not pairs or self._capture is None:
             return 0
         if self._values is None:
             self._values = self._capture()
-        for done, (node, executor) in enumerate(pairs, 1):
+        if budget_s is not None:
+            pairs = sorted(pairs, key=lambda p: -self.profile_of(p[1]).estimate_ms(p[0], self.model))
+        deadline = time.perf_counter() + (budget_s if budget_s is not None else float("inf"))
+        done = 0
+        for node, executor in pairs:
+            if time.perf_counter() > deadline:
+                break
+            done += 1
             if progress:
                 progress(done, len(pairs), f"{node.op_type} on {executor.name}")
             _costs.put(self._key(node, executor), self._measure_one(node, executor))
             if done % 20 == 0:
                 _costs.save()
         _costs.save()
-        return len(pairs)
+        return done
 
     def _measure_one(self, node: Node, executor: Executor) -> float:
         overhead = self.overhead_ms(executor)

@@ -36,6 +36,7 @@ from hetero.runtime.session import Session, compile_plan
 MEASURE_TOP = 3  # searched placements measured besides every single-library plan
 FINALISTS = 3  # the fastest measured candidates, raced again in interleaved rounds
 PRECISION_TOLERANCE = 0.01  # relative L2 output error a reduced-precision candidate may add
+PROFILE_BUDGET_S = 20.0  # seconds of node measurements per planning, heaviest nodes first
 PROFILE_WITHIN = 1.5  # executors whose single-library plan is this close to the best get nodes measured
 SEARCH_ROUNDS = 2  # searches for mixed placements, each after learning from the last one's measurements
 GIVE_UP = 2.0  # a candidate this much slower than the best so far after one warm run is not timed further
@@ -127,14 +128,16 @@ def tune_latency(model: Model, executors: Sequence[str | Executor] | None, *,
         measure(candidate)
     alone = {c.name.removesuffix(" alone"): ms for c, ms, _ in measured.values() if c.name.endswith(" alone")}
     fast = {name for name, ms in alone.items() if ms <= PROFILE_WITHIN * min(alone.values(), default=0)}
-    found = planner.search(model, executors, progress=progress, profile=fast, **searching)
+    found = planner.search(model, executors, progress=progress, profile=fast, budget_s=PROFILE_BUDGET_S,
+                           **searching)
     scale = {}
     for candidate in _singles(found):
         names = tuple(e.name for e in candidate.assignment)
         if names in measured and candidate.estimate_ms > 0:
             scale[candidate.name.removesuffix(" alone")] = measured[names][1] / candidate.estimate_ms
     for round_ in range(SEARCH_ROUNDS):
-        mixed = [c for c in planner.search(model, executors, scale=scale, profile=fast, **searching)
+        mixed = [c for c in planner.search(model, executors, scale=scale, profile=fast, budget_s=0.0,
+                                           **searching)  # measured enough above
                  if not c.name.endswith(" alone")][:MEASURE_TOP]
         fresh = [c for c in mixed if tuple(e.name for e in c.assignment) not in measured]
         if round_ and not any(c.estimate_ms < (best_ms() or math.inf) for c in fresh):
