@@ -15,13 +15,15 @@ EXECUTORS = ["onnxruntime", "openvino", "numpy"]  # the corpus is about models, 
 
 @pytest.fixture(scope="module")
 def planning_cache(tmp_path_factory):
-    """One cache for the module: throughput recalls what latency measured, as a user's would."""
+    """One cache for the module: throughput recalls what latency measured, as a user's would; node
+    profiling bounded to 5 s per model (what is not measured is estimated)."""
     from hetero.planner import cost
     from hetero.runtime import samples, tuning
 
     stores = (cost._costs, tuning._plans, samples._shapes)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HETERO_CACHE_DIR", str(tmp_path_factory.mktemp("planning")))
+        patch.setattr(tuning, "PROFILE_BUDGET_S", 5.0)  # a bounded planning budget keeps the corpus quick
         for store in stores:
             store.clear_memory()
         yield

@@ -7,6 +7,7 @@ device's arrays, and moves arrays between host memory and its device.
 
 from __future__ import annotations
 
+import atexit
 import os
 import threading
 from abc import ABC, abstractmethod
@@ -18,6 +19,7 @@ import numpy as np
 import onnx
 
 from hetero import kernels
+from hetero.cache import JsonStore
 from hetero.graph import Model, Node
 
 
@@ -178,9 +180,12 @@ class Executor(ABC):
 
 class ProbeAnswers:
     """A library's answers to "can you run this node?", by node signature: asking it means
-    compiling the node alone, which is slow, and the answer holds for every instance."""
+    compiling the node alone, which is slow, and the answer holds for every instance. With a
+    `namespace` (the library and its version) answers are also kept on disk, so a new process
+    asks the library only what no earlier one asked."""
 
-    def __init__(self) -> None:
+    def __init__(self, namespace: str = "") -> None:
+        self.namespace = namespace
         self._answers: dict[str, bool] = {}
         self._lock = threading.Lock()
 
@@ -189,13 +194,28 @@ class ProbeAnswers:
         with self._lock:
             if key in self._answers:
                 return self._answers[key]
-        try:
-            ok = bool(probe())
-        except Exception:
-            ok = False
+        stored = _stored_answers.get(f"{self.namespace}|{key}") if self.namespace else None
+        if stored is not None:
+            ok = bool(stored)
+        else:
+            try:
+                ok = bool(probe())
+            except Exception:
+                ok = False
+            if self.namespace:
+                _stored_answers.put(f"{self.namespace}|{key}", ok)
         with self._lock:
             self._answers[key] = ok
         return ok
+
+
+_stored_answers = JsonStore("capability")
+atexit.register(_stored_answers.save)
+
+
+def save_probe_answers() -> None:
+    """Write the probe answers learnt so far to the cache (also done at exit)."""
+    _stored_answers.save()
 
 
 def default_threads() -> int:

@@ -216,7 +216,7 @@ class OnnxRuntimeExecutor(Executor):
     compiles_graphs = True
     exact = True
     vendor_domains = VENDOR_DOMAINS
-    _probes: ClassVar[ProbeAnswers] = ProbeAnswers()
+    _probes: ClassVar[ProbeAnswers] = ProbeAnswers(f"onnxruntime={ort.__version__}")
     exchange_dtypes = NUMPY_NATIVE_TYPES | {"string"}
     output_types = staticmethod(vendor_output_types)
 

@@ -167,7 +167,7 @@ class OpenVinoExecutor(Executor):
     library = "openvino"
     extra = "openvino"
     compiles_graphs = True
-    _probes: ClassVar[ProbeAnswers] = ProbeAnswers()
+    _probes: ClassVar[ProbeAnswers] = ProbeAnswers(f"openvino={ov.get_version()}")
     # The CPU plugin computes f64 and f16 in f32, which is not ONNX's semantics for those types.
     exchange_dtypes = NUMPY_NATIVE_TYPES - {"double", "float16"}
 

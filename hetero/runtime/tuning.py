@@ -26,6 +26,7 @@ from hetero import planner
 from hetero.cache import JsonStore
 from hetero.errors import ExecutorUnavailableError, InputError, PlanError
 from hetero.executors import Executor, default_threads, is_accelerator
+from hetero.executors.base import save_probe_answers
 from hetero.graph import Model, complete
 from hetero.planner import Candidate, CandidateReport, Plan
 from hetero.planner.cost import Progress, executor_key, time_call
@@ -173,6 +174,7 @@ def tune_latency(model: Model, executors: Sequence[str | Executor] | None, *,
                          "candidates": [dataclasses.astuple(r) for r in session.plan.candidates],
                          "notes": session.plan.notes})
     _plans.save()
+    save_probe_answers()
     return session
 
 
