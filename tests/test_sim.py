@@ -112,7 +112,7 @@ def test_peer_copies_where_declared_else_through_the_host(count):
 def test_one_partition_at_a_time_per_card_while_cards_overlap(booked):
     """Many requests in flight through a plan over two cards: each card's work never overlaps
     itself, and the two cards work at the same time (stage k of request i+1 beside stage k+1 of i)."""
-    first, second = cards(2, overhead_us=5000)  # 5 ms a partition
+    first, second = cards(2, overhead_us=10_000)  # 10 ms a partition
     model = chain(["Relu", "Neg"])
     session = hetero.compile(model, ["numpy"], "manual", affinity={"n0": first, "n1": second})
     feeds = example_feeds(model)
@@ -127,7 +127,7 @@ def test_one_partition_at_a_time_per_card_while_cards_overlap(booked):
     together = sum(max(0.0, min(a_end, b_end) - max(a_start, b_start))
                    for a_start, a_end in booked["sim:0 compute"]
                    for b_start, b_end in booked["sim:1 compute"])
-    assert together > 0.5 * second.card.compute.busy_s
+    assert together > 0.3 * second.card.compute.busy_s, together  # about 0.9 when the host is quiet
 
 
 @pytest.fixture

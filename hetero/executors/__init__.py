@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import threading
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -155,7 +156,9 @@ def _resolve_one(spec: str | Executor) -> list[Executor]:
     return matches
 
 
-_variants: dict[tuple, Executor] = {}
+# Variants by the executor they vary: two executors may share a name (simulated devices from two
+# devices files), and a variant lives as long as its base.
+_variants: weakref.WeakKeyDictionary[Executor, dict[tuple, Executor]] = weakref.WeakKeyDictionary()
 
 
 def variant_of(executor: Executor, precision: str | None = None, *, threads: int | None = None,
@@ -167,15 +170,16 @@ def variant_of(executor: Executor, precision: str | None = None, *, threads: int
     if (precision, threads, stream) == (getattr(executor, "precision", "fp32"), executor.threads,
                                         executor.stream):
         return executor
-    key = (executor.library, str(executor.device), precision, threads, stream)
+    key = (precision, threads, stream)
     with _lock:
-        if key not in _variants:
+        known = _variants.setdefault(executor, {})
+        if key not in known:
             if precision != "fp32" and not hasattr(executor, "precision"):
                 raise ExecutorUnavailableError(
                     f"executor {executor.name} has no precision variant {precision!r}")
             changes = {"precision": precision} if precision != "fp32" else {}
-            _variants[key] = executor.variant(threads=threads, stream=stream, **changes)
-        return _variants[key]
+            known[key] = executor.variant(threads=threads, stream=stream, **changes)
+        return known[key]
 
 
 __all__ = [
