@@ -217,3 +217,33 @@ def test_gpu_cupy_concurrent_copies_round_trip():
         back = list(pool.map(lambda a: gpu.to_host(gpu.to_device(a)), arrays))
     for i, array in enumerate(back):
         assert (array == i).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+@pytest.mark.skipif(not CUDA, reason="needs an NVIDIA GPU and torch with CUDA")
+def test_gpu_throughput_policy_gives_the_gpu_one_replica():
+    from hetero.runtime.tuning import tune_throughput
+
+    gpu = TorchExecutor(Device("cuda", 0))
+    model = hetero.load(small_cnn())
+    runner = tune_throughput(model, [gpu, "onnxruntime", "numpy"], seconds=0.5)
+    note = next(n for n in runner.plan.notes if n.startswith("throughput:"))
+    assert "1 accelerator replicas" in note
+    if isinstance(runner, hetero.ReplicaPool):
+        on_gpu = [e for r in runner.replicas for e in r.session.plan.executors if e.device.kind == "cuda"]
+        assert len(on_gpu) <= 1 and all(e.stream is None for e in on_gpu)
+    runner.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs and torch with CUDA")
+def test_gpu_torch_copies_between_gpus_directly():
+    first, second = TorchExecutor(Device("cuda", 0)), TorchExecutor(Device("cuda", 1))
+    model = hetero.load(small_cnn())
+    session = hetero.compile(model, ["numpy"], "manual", affinity={"Conv": first, "Relu": second})
+    between = [t for t in session.plan.transfers if {t.source, t.target} == {"cuda:0", "cuda:1"}]
+    feeds = example_feeds(model)
+    want = hetero.compile(model, ["numpy"]).run(feeds)["logits"]
+    np.testing.assert_allclose(session.run(feeds)["logits"], want, rtol=1e-3, atol=1e-4)
+    assert between and session.stats.direct_transfers == len(between)
