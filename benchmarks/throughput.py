@@ -7,8 +7,8 @@
    session per core; fp32 everywhere.
 2. Hetero's own cost at batch 1: a single-executor Hetero session against the same library run
    natively, median of interleaved runs (target: within 3%).
-3. On a host with a GPU: GPU and CPU together against each alone (target: together >= GPU alone
-   + 0.8 x CPU alone).
+
+GPU and CPU replicas together against each alone are among the GPU rows: benchmarks/gpu.py.
 """
 
 from __future__ import annotations
@@ -22,7 +22,6 @@ import onnx
 import hetero
 from hetero import executors, zoo
 from hetero.bench import native, run_load, settled_times
-from hetero.executors import is_accelerator
 from hetero.graph import example_feeds
 from hetero.runtime.tuning import measure_rate
 
@@ -80,25 +79,6 @@ def overhead(model: hetero.Model, rounds: int = 20) -> None:
         print(f"| {library} | {a:.2f} | {b:.2f} | {a / b:.3f} |")
 
 
-def gpu_and_cpu(model: hetero.Model, seconds: float) -> None:
-    accelerators = [e for e in executors.available() if is_accelerator(e)]
-    if not accelerators:
-        print("\nno GPU or other accelerator here: GPU + CPU scaling not measured")
-        return
-    feeds = example_feeds(model)
-    host = [e for e in executors.available() if not is_accelerator(e)]
-    gpu = hetero.ReplicaPool.build(model, [[accelerators[0], *host]])
-    cpu = hetero.ReplicaPool.build(model, [host])
-    both = hetero.ReplicaPool.build(model, [[accelerators[0], *host], host])
-    rates = {name: measure_rate(pool, feeds, seconds) for name, pool in
-             (("GPU alone", gpu), ("CPU alone", cpu), ("GPU + CPU", both))}
-    for pool in (gpu, cpu, both):
-        pool.close()
-    target = rates["GPU alone"] + 0.8 * rates["CPU alone"]
-    print(f"\n{model.label}: " + ", ".join(f"{k} {v:.1f} req/s" for k, v in rates.items())
-          + f"; target GPU + 0.8 CPU = {target:.1f}: {'met' if rates['GPU + CPU'] >= target else 'missed'}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet50,nanodet")
@@ -109,7 +89,6 @@ def main() -> None:
         model = hetero.load(MODELS[name](), name=name)
         throughput(model, args.seconds)
         overhead(model)
-        gpu_and_cpu(model, args.seconds)
 
 
 if __name__ == "__main__":
