@@ -391,7 +391,10 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
           imports: Annotated[list[str] | None, typer.Option(
               "--import", help="Module to import first (one registering custom ops); repeatable.")] = None,
           log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-          simulate: SimulateOption = None) -> None:
+          simulate: SimulateOption = None,
+          ray: Annotated[str | None, typer.Option(
+              "--ray", help="Run the models on a Ray cluster: 'local' (a single-node Ray started here), "
+              "'auto' or the head's ADDRESS.")] = None) -> None:
     """Serve a model repository over KServe v2 (HTTP and gRPC) until SIGTERM or Ctrl-C."""
     _simulate(simulate)
     try:
@@ -399,14 +402,46 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
     except ImportError as exc:
         _fail(RuntimeError(f"hetero serve needs its extra: pip install 'hetero[serve]' ({exc.name} missing)"))
     logs.configure(log_level)
+    options = {"host": host, "http_port": port, "grpc_port": grpc_port, "api_key": api_key,
+               "max_request_bytes": int(max_request_mb * (1 << 20)),
+               "max_inflight_bytes": int(max_inflight_mb * (1 << 20))}
     try:
         for module in imports or []:
             importlib.import_module(module)
-        Server(repository, host=host, http_port=port, grpc_port=grpc_port, api_key=api_key,
-               max_request_bytes=int(max_request_mb * (1 << 20)),
-               max_inflight_bytes=int(max_inflight_mb * (1 << 20))).serve_forever()
-    except (hetero.HeteroError, OSError, ImportError) as exc:
+        if ray is None:
+            Server(repository, **options).serve_forever()
+        else:
+            from hetero.ray.serving import ClusterServer
+
+            ClusterServer(repository, address=ray, imports=imports or (), **options).serve_forever()
+    except (hetero.HeteroError, OSError, ImportError, ConnectionError) as exc:
         _fail(exc)
+
+
+@app.command()
+def cluster(address: Annotated[str, typer.Argument(
+        help="The Ray cluster: 'auto' (the one this machine belongs to) or the head's ADDRESS.")] = "auto",
+            ) -> None:
+    """List every node of a Ray cluster with its devices and executors (what `serve --ray` uses)."""
+    try:
+        from hetero.ray import probe
+    except ImportError as exc:
+        _fail(exc)
+    try:
+        nodes = probe(address)
+    except (ConnectionError, RuntimeError) as exc:
+        _fail(exc)
+    table = Table("node", "address", "cores", "device", "executor", "library", "version",
+                  title=f"Ray cluster: {len(nodes)} nodes")
+    for node in nodes:
+        where = (node["node"], node["address"], str(node.get("cores", "-")))
+        if "error" in node:
+            table.add_row(*where, "-", f"[red]{escape(node['error'])}[/]", "-", "-")
+        for row in node.get("executors", []):
+            table.add_row(*where, f"{row['device']} ({row['description']})", row["executor"], row["library"],
+                          row["version"])
+            where = ("", "", "")
+    console.print(table)
 
 
 @app.command()

@@ -80,3 +80,8 @@ class CompileError(ExecutorError):
 
 class RunError(ExecutorError):
     """A compiled partition failed while running a request."""
+
+
+class ReplicaLostError(RunError):
+    """A replica is gone for good (its process or its node died): a `ReplicaPool` retries the
+    request on another replica and sends that one no more."""

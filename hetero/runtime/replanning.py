@@ -68,6 +68,12 @@ class Replanning(Requests):
         runner = self.runner
         return runner.replicas if isinstance(runner, ReplicaPool) else []
 
+    @property
+    def live(self) -> int:
+        """Replicas taking requests (a Session counts as one)."""
+        runner = self.runner
+        return runner.live if isinstance(runner, ReplicaPool) else 1
+
     def submit(self, feeds: Feeds, output_names: Sequence[str] | None = None, *, block: bool = True,
                timeout: float | None = None) -> Future:
         with self._lock:

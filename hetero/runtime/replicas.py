@@ -6,6 +6,10 @@ an idle replica takes a request only if no faster replica would finish it sooner
 each replica's measured time per request (scaled by input bytes, so a server's batches of any
 size compare) and what it is busy with. So replicas of different speeds add up, and a slow one
 never holds back work a fast one would have done first.
+
+A replica need not be local: anything with a Session's `model` and `run(arrays, output_names)`
+will do (`hetero.ray` runs replicas on the nodes of a Ray cluster). Replicas may join a running
+pool (`add`) and leave it (`retire`, or a `ReplicaLostError` raised by their `run`).
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ from typing import Any
 import numpy as np
 
 from hetero import executors as executor_registry
-from hetero.errors import HeteroError, InputError, QueueFullError
+from hetero.errors import HeteroError, InputError, QueueFullError, ReplicaLostError
 from hetero.executors import Executor, default_threads, is_accelerator
 from hetero.graph import Model, example_feeds, load
 from hetero.graph.load import ModelSource
 from hetero.planner import Plan
-from hetero.runtime.session import Feeds, Requests, Session, compile_plan
+from hetero.runtime.session import Feeds, Requests, Session, check_feeds, compile_plan, resolve_outputs
 
 _SMOOTHING = 0.2  # weight of the newest measurement in the per-replica time estimate
 
@@ -35,7 +39,7 @@ _SMOOTHING = 0.2  # weight of the newest measurement in the per-replica time est
 class Replica:
     """One copy of the model and what the pool knows of its speed."""
 
-    session: Session
+    session: Session  # or anything with a Session's `model` and `run`
     name: str
     seconds_per_request: float | None = None  # for a request of the pool's reference size
     served: int = 0
@@ -43,7 +47,12 @@ class Replica:
     busy_seconds: float = 0.0
     running_since: float | None = None
     running_size: float = 1.0
+    retired: bool = False  # takes no new request; its thread ends after the one it runs
     thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def live(self) -> bool:
+        return not self.retired and self.thread is not None and self.thread.is_alive()
 
     def remaining(self, now: float) -> float:
         if self.running_since is None:
@@ -76,10 +85,9 @@ class ReplicaPool(Requests):
         self._cond = threading.Condition()
         self._closing = False
         self._reference_bytes = 0
-        for index, replica in enumerate(self.replicas):
-            replica.thread = threading.Thread(target=self._serve, args=(index,), daemon=True,
-                                              name=f"hetero-replica-{replica.name}")
-            replica.thread.start()
+        self._feeds: Feeds | None = None  # what warm_up measured with, for replicas that join later
+        for index in range(len(self.replicas)):
+            self._start(index)
 
     @classmethod
     def build(cls, model: ModelSource, replicas: Sequence[Sequence[str | Executor]] | None = None, *,
@@ -94,27 +102,9 @@ class ReplicaPool(Requests):
         and the host libraries one per CPU stream. `cpu_streams` defaults to the number of cores
         (one thread per stream, as OpenVINO's throughput hint does on small hosts).
         """
-        model = load(model)
-        available = executor_registry.available()
-        if replicas is None:
-            accelerators = [e for e in available if is_accelerator(e)]
-            host = [e for e in available if not is_accelerator(e)]
-            replicas = [[e, *host] for e in accelerators] + [host]
-        streams = cpu_streams or default_threads()
-        sessions, names = [], []
-        for spec in replicas:
-            chosen = executor_registry.resolve(spec)
-            if any(is_accelerator(e) for e in chosen) or streams <= 1:
-                variants = [chosen]
-            else:
-                threads = max(1, default_threads() // streams)
-                variants = [[executor_registry.variant_of(e, threads=threads, stream=k) for e in chosen]
-                            for k in range(streams)]
-            for executors in variants:
-                sessions.append(compile_replica(model, executors) if compile_replica
-                                else compile_plan(model, executors, policy))
-                names.append(_describe(sessions[-1]))
-        pool = cls(sessions, names=names, max_in_flight=max_in_flight)
+        named = replica_sessions(model, replicas, cpu_streams=cpu_streams, policy=policy,
+                                 compile_replica=compile_replica)
+        pool = cls([s for _, s in named], names=[n for n, _ in named], max_in_flight=max_in_flight)
         if warmup:
             try:
                 pool.warm_up()
@@ -126,16 +116,41 @@ class ReplicaPool(Requests):
     def warm_up(self, feeds: Feeds | None = None, repeats: int = 3) -> None:
         """Measure each replica's time per request (one at a time, so they do not disturb each
         other); models with symbolic input dims need `feeds`."""
-        feeds = feeds if feeds is not None else example_feeds(self.model)
-        self._reference_bytes = _nbytes(feeds)
+        self._feeds = feeds if feeds is not None else example_feeds(self.model)
+        self._reference_bytes = _nbytes(self._feeds)
         for replica in self.replicas:
-            replica.session.run(feeds)
-            times = []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                replica.session.run(feeds)
-                times.append(time.perf_counter() - start)
-            replica.seconds_per_request = float(np.median(times))
+            replica.seconds_per_request = _measure(replica.session, self._feeds, repeats)
+
+    def add(self, session: Session, name: str | None = None) -> Replica:
+        """A replica joins the running pool: measured alone first (on what `warm_up` measured
+        with), then it takes requests as the others do."""
+        replica = Replica(session, name or _describe(session))
+        if self._feeds is not None:
+            replica.seconds_per_request = _measure(session, self._feeds, 3)
+        with self._cond:
+            if self._closing:
+                raise HeteroError(f"model {self.model.label!r}: the replica pool is closed")
+            self.replicas.append(replica)
+            self._start(len(self.replicas) - 1)
+        return replica
+
+    def retire(self, replica: Replica) -> None:
+        """The replica takes no new request; the one it runs finishes (a graceful drain)."""
+        with self._cond:
+            replica.retired = True
+            stranded = self._stranded()
+            self._cond.notify_all()
+        self._fail(stranded)
+
+    @property
+    def live(self) -> int:
+        """Replicas taking requests."""
+        return sum(r.live for r in self.replicas)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a replica."""
+        return len(self._queue)
 
     @property
     def plan(self) -> Plan:
@@ -153,8 +168,9 @@ class ReplicaPool(Requests):
         """Queue a request for the replica that will finish it first; bad feeds raise at once."""
         if self._closing:
             raise HeteroError(f"model {self.model.label!r}: the replica pool is closed")
-        first = self.replicas[0].session
-        arrays, wanted = first.check_feeds(feeds), first.resolve_outputs(output_names)
+        arrays, wanted = check_feeds(self.model, feeds), resolve_outputs(self.model, output_names)
+        if not self.live:
+            raise HeteroError(f"model {self.model.label!r}: no replica left to run the request")
         if not self._slots.acquire(block, timeout if block else None):
             raise QueueFullError(f"model {self.model.label!r}: {self.max_in_flight} requests already in "
                                  "flight; try again later")
@@ -176,13 +192,19 @@ class ReplicaPool(Requests):
                 if replica.thread is not None:
                     replica.thread.join()
 
+    def _start(self, index: int) -> None:
+        replica = self.replicas[index]
+        replica.thread = threading.Thread(target=self._serve, args=(index,), daemon=True,
+                                          name=f"hetero-replica-{replica.name}")
+        replica.thread.start()
+
     def _serve(self, index: int) -> None:
         replica = self.replicas[index]
         while True:
             with self._cond:
-                job = self._take(index)
+                job = None if replica.retired else self._take(index)
                 while job is None:
-                    if self._closing and not self._queue:
+                    if replica.retired or (self._closing and not self._queue):
                         return
                     self._cond.wait()
                     job = self._take(index)
@@ -205,7 +227,7 @@ class ReplicaPool(Requests):
             sooner = 0
             for other_index, other in enumerate(self.replicas):
                 theirs = other.seconds_per_request
-                if other_index == index or not theirs or not other.thread or not other.thread.is_alive():
+                if other_index == index or not theirs or not other.live:
                     continue
                 sooner += max(0, int((mine * size - other.remaining(now)) / (theirs * size) * (1 - 1e-9)))
             if len(eligible) <= sooner:
@@ -223,14 +245,17 @@ class ReplicaPool(Requests):
             with self._cond:
                 replica.running_since = None
                 replica.failed += 1
+                replica.retired = replica.retired or isinstance(exc, ReplicaLostError)
                 job.excluded.add(index)
-                retry = not isinstance(exc, InputError) and len(job.excluded) < len(self.replicas)
+                retry = not isinstance(exc, InputError) and any(
+                    r.live and i not in job.excluded for i, r in enumerate(self.replicas))
                 if retry:
                     self._queue.appendleft(job)
+                stranded = self._stranded() if replica.retired else []
                 self._cond.notify_all()
             if not retry:
-                self._slots.release()
-                job.future.set_exception(exc)
+                self._fail([job], exc)
+            self._fail(stranded)
             return
         elapsed = time.perf_counter() - start
         with self._cond:
@@ -243,6 +268,67 @@ class ReplicaPool(Requests):
             self._cond.notify_all()
         self._slots.release()
         job.future.set_result(result)
+
+    def _stranded(self) -> list[_Job]:
+        """Queued jobs no live replica may take any more (each has failed on the rest); taken
+        out of the queue. Called holding the condition."""
+        live = {i for i, r in enumerate(self.replicas) if r.live}
+        stranded = [job for job in self._queue if not live - job.excluded]
+        for job in stranded:
+            self._queue.remove(job)
+        return stranded
+
+    def _fail(self, jobs: Sequence[_Job], error: Exception | None = None) -> None:
+        for job in jobs:
+            self._slots.release()
+            job.future.set_exception(error or HeteroError(
+                f"model {self.model.label!r}: no replica left to run the request"))
+
+
+def replica_sessions(model: ModelSource, replicas: Sequence[Sequence[str | Executor]] | None = None, *,
+                     cpu_streams: int | None = None, policy: str = "priority", cores: int | None = None,
+                     compile_replica: Callable[[Model, list[Executor]], Session] | None = None,
+                     ) -> list[tuple[str, Session]]:
+    """The replicas `ReplicaPool.build` pools, compiled, each with its name.
+
+    With no `replicas`, every accelerator gets one (its library first, the host libraries as
+    fallback) and the host libraries one per CPU stream (`cpu_streams`, default one per core).
+    Host libraries use at most `cores` threads in all (default: every core of this process).
+    """
+    model = load(model)
+    if replicas is None:
+        available = executor_registry.available()
+        accelerators = [e for e in available if is_accelerator(e)]
+        host = [e for e in available if not is_accelerator(e)]
+        replicas = [[e, *host] for e in accelerators] + [host]
+    cores = cores or default_threads()
+    streams = cpu_streams or cores
+    named = []
+    for spec in replicas:
+        chosen = executor_registry.resolve(spec)
+        if any(is_accelerator(e) for e in chosen) or streams <= 1:
+            variants = [[e if is_accelerator(e) or e.threads <= cores
+                         else executor_registry.variant_of(e, threads=cores) for e in chosen]]
+        else:
+            threads = max(1, cores // streams)
+            variants = [[executor_registry.variant_of(e, threads=threads, stream=k) for e in chosen]
+                        for k in range(streams)]
+        for executors in variants:
+            session = (compile_replica(model, executors) if compile_replica
+                       else compile_plan(model, executors, policy))
+            named.append((_describe(session), session))
+    return named
+
+
+def _measure(session: Session, feeds: Feeds, repeats: int) -> float:
+    """Median seconds per request, after one untimed run."""
+    session.run(feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
 
 
 def _nbytes(arrays: Feeds) -> int:

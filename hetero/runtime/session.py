@@ -496,56 +496,64 @@ class Session(Requests):
             return result
 
     def resolve_outputs(self, output_names: Sequence[str] | None) -> list[str]:
-        """Output names to return: all when None; an unknown name is an `InputError`."""
-        if output_names is None:
-            return list(self.model.output_names)
-        if isinstance(output_names, str):
-            output_names = [output_names]
-        unknown = [n for n in output_names if n not in self.model.output_names]
-        if unknown:
-            raise InputError(f"model {self.model.label!r} has no output {unknown[0]!r}; outputs are "
-                             f"{', '.join(self.model.output_names)}")
-        return list(output_names)
+        return resolve_outputs(self.model, output_names)
 
     def check_feeds(self, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        """Feeds as numpy arrays, checked against the model's inputs; `InputError` names the field."""
-        label = self.model.label
-        expected = {i.name: i for i in self.model.inputs}
-        unknown = [n for n in feeds if n not in expected]
-        if unknown:
-            raise InputError(f"model {label!r} has no input {unknown[0]!r}; inputs are "
-                             f"{', '.join(expected) or '(none)'}")
-        missing = [n for n in expected if n not in feeds]
-        if missing:
-            raise InputError(f"model {label!r}: input {missing[0]!r} ({expected[missing[0]].describe()}) "
-                             "is missing from the feeds")
-        arrays: dict[str, np.ndarray] = {}
-        symbols: dict[str, tuple[str, int]] = {}
-        for name, info in expected.items():
-            value = feeds[name]
-            if info.kind != "tensor":
-                arrays[name] = value
-                continue
-            array = np.asarray(value)
-            if info.dtype is not None and array.dtype != info.dtype:
-                raise InputError(f"model {label!r}: input {name!r} must be {info.dtype.name}, got "
-                                 f"{array.dtype.name} (convert with .astype(np.{info.dtype.name}))")
-            if info.shape is not None:
-                if array.ndim != len(info.shape):
-                    raise InputError(f"model {label!r}: input {name!r} must have rank {len(info.shape)} "
+        return check_feeds(self.model, feeds)
+
+
+def resolve_outputs(model: Model, output_names: Sequence[str] | None) -> list[str]:
+    """Output names to return: all when None; an unknown name is an `InputError`."""
+    if output_names is None:
+        return list(model.output_names)
+    if isinstance(output_names, str):
+        output_names = [output_names]
+    unknown = [n for n in output_names if n not in model.output_names]
+    if unknown:
+        raise InputError(f"model {model.label!r} has no output {unknown[0]!r}; outputs are "
+                         f"{', '.join(model.output_names)}")
+    return list(output_names)
+
+
+def check_feeds(model: Model, feeds: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Feeds as numpy arrays, checked against the model's inputs; `InputError` names the field."""
+    label = model.label
+    expected = {i.name: i for i in model.inputs}
+    unknown = [n for n in feeds if n not in expected]
+    if unknown:
+        raise InputError(f"model {label!r} has no input {unknown[0]!r}; inputs are "
+                         f"{', '.join(expected) or '(none)'}")
+    missing = [n for n in expected if n not in feeds]
+    if missing:
+        raise InputError(f"model {label!r}: input {missing[0]!r} ({expected[missing[0]].describe()}) "
+                         "is missing from the feeds")
+    arrays: dict[str, np.ndarray] = {}
+    symbols: dict[str, tuple[str, int]] = {}
+    for name, info in expected.items():
+        value = feeds[name]
+        if info.kind != "tensor":
+            arrays[name] = value
+            continue
+        array = np.asarray(value)
+        if info.dtype is not None and array.dtype != info.dtype:
+            raise InputError(f"model {label!r}: input {name!r} must be {info.dtype.name}, got "
+                             f"{array.dtype.name} (convert with .astype(np.{info.dtype.name}))")
+        if info.shape is not None:
+            if array.ndim != len(info.shape):
+                raise InputError(f"model {label!r}: input {name!r} must have rank {len(info.shape)} "
+                                 f"({info.describe()}), got shape {array.shape}")
+            for axis, (want, got) in enumerate(zip(info.shape, array.shape, strict=True)):
+                if isinstance(want, int) and want != got:
+                    raise InputError(f"model {label!r}: input {name!r} dimension {axis} must be {want} "
                                      f"({info.describe()}), got shape {array.shape}")
-                for axis, (want, got) in enumerate(zip(info.shape, array.shape, strict=True)):
-                    if isinstance(want, int) and want != got:
-                        raise InputError(f"model {label!r}: input {name!r} dimension {axis} must be {want} "
-                                         f"({info.describe()}), got shape {array.shape}")
-                    if isinstance(want, str):
-                        seen = symbols.setdefault(want, (name, got))
-                        if seen[1] != got:
-                            raise InputError(
-                                f"model {label!r}: dimension {want!r} is {seen[1]} in input {seen[0]!r} "
-                                f"but {got} in input {name!r}")
-            arrays[name] = array
-        return arrays
+                if isinstance(want, str):
+                    seen = symbols.setdefault(want, (name, got))
+                    if seen[1] != got:
+                        raise InputError(
+                            f"model {label!r}: dimension {want!r} is {seen[1]} in input {seen[0]!r} "
+                            f"but {got} in input {name!r}")
+        arrays[name] = array
+    return arrays
 
 
 def _initializer(model: Model, name: str) -> np.ndarray:

@@ -3,8 +3,9 @@
 Requests wait in one bounded queue. A dispatcher thread forms a batch whenever a replica is
 free: the oldest request and the later ones with the same non-batch dims, up to the maximum
 batch size. It sends the batch at once when it is full or reaches a preferred size, else when
-the oldest request has waited the queue delay. At most one batch per replica is in flight, so
-while every replica is busy the queue grows into bigger batches instead of piling up behind.
+the oldest request has waited the queue delay. At most one batch per live replica is in flight
+(replicas may join and leave the pool), so while every replica is busy the queue grows into
+bigger batches instead of piling up behind.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Batcher:
         self._observe = observe
         self._pending: deque[_Request] = deque()
         self._cond = threading.Condition()
-        self._slots = threading.Semaphore(len(pool.replicas))
+        self._in_flight = 0  # batches sent and not yet answered
         self._closing = False
         self._thread = threading.Thread(target=self._dispatch_loop, daemon=True,
                                         name=f"hetero-batcher-{label}")
@@ -92,19 +93,25 @@ class Batcher:
         for request in left:
             _deliver(request.future, error=ServeError(f"model {self.label!r} unloaded before running the "
                                                       "request", 503))
-        drained = all(self._slots.acquire(timeout=max(0.0, deadline - time.monotonic()))
-                      for _ in self.pool.replicas)
+        with self._cond:
+            drained = self._cond.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
         self.pool.close(wait=drained)
 
     def _dispatch_loop(self) -> None:
         while True:
-            self._slots.acquire()
             with self._cond:
+                while self._in_flight >= max(1, self.pool.live):
+                    self._cond.wait()
                 batch = self._next_batch()
-            if batch is None:
-                self._slots.release()
-                return
+                if batch is None:
+                    return
+                self._in_flight += 1
             self._run(batch)
+
+    def _answered(self) -> None:
+        with self._cond:
+            self._in_flight -= 1
+            self._cond.notify_all()
 
     def _forget(self, request: _Request) -> None:
         """Drop a request cancelled while it waits (its client gone or past its deadline)."""
@@ -156,7 +163,7 @@ class Batcher:
                 name: np.concatenate([r.arrays[name] for r in batch]) for name in batch[0].arrays}
             future = self.pool.submit(arrays, outputs)
         except Exception as exc:
-            self._slots.release()
+            self._answered()
             for request in batch:
                 _deliver(request.future, error=exc)
             return
@@ -164,7 +171,7 @@ class Batcher:
 
     def _finish(self, batch: list[_Request], done: Future, start: float) -> None:
         """Hand each request its rows (or the batch's error); runs on the thread that ran the batch."""
-        self._slots.release()
+        self._answered()
         error = done.exception()
         rows = sum(r.rows for r in batch)
         if error is None and len(batch) > 1:

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,8 @@ from tritonclient.grpc import model_config_pb2
 
 from hetero.errors import HeteroError, ModelError
 from hetero.graph import Model, TensorInfo, load
-from hetero.runtime.replanning import serving_pool
+from hetero.runtime import ReplicaPool
+from hetero.runtime.replanning import Replanning, serving_pool
 from hetero.serve.batcher import Batcher
 from hetero.serve.config import ModelConfig
 from hetero.serve.metrics import Metrics
@@ -37,18 +38,22 @@ UNLOADED = "unloaded"
 MODEL_FILE = "model.onnx"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
 
+# (model, replicas, cpu_streams=, policy=, warmup=) -> a pool; hetero.ray's Cluster.deploy is another
+PoolBuilder = Callable[..., ReplicaPool | Replanning]
+
 
 class ServedModel:
     """One loaded version of a model: its replica pool, its batcher and its protocol metadata."""
 
-    def __init__(self, name: str, version: str, model: Model, config: ModelConfig, metrics: Metrics):
+    def __init__(self, name: str, version: str, model: Model, config: ModelConfig, metrics: Metrics,
+                 build_pool: PoolBuilder = serving_pool):
         self.name, self.version, self.model, self.config = name, version, model, config
         self.label = f"{name}/{version}"
         self.inputs = {info.name: info for info in model.inputs}
         self.outputs = config.outputs or model.output_names
         _check(self, config)
         numeric = all(info.dtype is not None and info.dtype.kind in "biuf" for info in model.inputs)
-        self.pool = serving_pool(model, replicas=config.replicas or (
+        self.pool = build_pool(model, replicas=config.replicas or (
             [config.executors] if config.executors else None), cpu_streams=config.cpu_streams,
             policy=config.policy, warmup=numeric)  # warm-up makes random inputs: numbers only
         self.stats = metrics.model(name, version)
@@ -169,11 +174,12 @@ class Repository:
     starting with a dot), and no message a client sees carries a file-system path.
     """
 
-    def __init__(self, root: str | Path, metrics: Metrics):
+    def __init__(self, root: str | Path, metrics: Metrics, build_pool: PoolBuilder = serving_pool):
         self.root = Path(root)
         if not self.root.is_dir():
             raise ModelError(f"model repository {str(self.root)!r} is not a directory")
         self.metrics = metrics
+        self.build_pool = build_pool
         self._served: dict[str, dict[str, ServedModel]] = {}
         self._states: dict[str, dict[str, tuple[str, str]]] = {}  # model -> version -> (state, reason)
         self._lock = threading.Lock()  # guards the two dicts
@@ -233,7 +239,7 @@ class Repository:
         for version in versions:
             try:
                 model = load(folder / version / MODEL_FILE, name=f"{name}/{version}")
-                loaded[version] = ServedModel(name, version, model, config, self.metrics)
+                loaded[version] = ServedModel(name, version, model, config, self.metrics, self.build_pool)
                 states[version] = (READY, "")
             except Exception as exc:
                 states[version] = (UNAVAILABLE, self._public(str(exc)))

@@ -27,12 +27,13 @@ import uvicorn
 from tritonclient.grpc import service_pb2_grpc
 
 import hetero
+from hetero.runtime.replanning import serving_pool
 from hetero.serve.grpc_api import InferenceService
 from hetero.serve.http_api import build_app
 from hetero.serve.limits import ByteBudget, HttpProtocol
 from hetero.serve.metrics import Metrics
 from hetero.serve.protocol import InferInput, ServeError, http_status
-from hetero.serve.repository import Repository, ServedModel
+from hetero.serve.repository import PoolBuilder, Repository, ServedModel
 
 log = logging.getLogger("hetero.serve")
 
@@ -51,16 +52,17 @@ class Server:
     requests, each counting twice its body (503 beyond); `max_connections` open HTTP connections
     and gRPC calls in progress (default: half the process's file limit, at most 1024); request
     headers within `header_timeout_s`, the body within `body_timeout_s` (408); idle connections
-    closed after `idle_timeout_s`.
+    closed after `idle_timeout_s`. `build_pool` makes each model's replica pool (default: on this
+    host's devices; `hetero.ray.serving.ClusterServer` builds them on a Ray cluster).
     """
 
     def __init__(self, repository: str | Path, *, host: str = "127.0.0.1", http_port: int = 8000,
                  grpc_port: int = 8001, api_key: str | None = None, max_request_bytes: int = 64 * MiB,
                  max_inflight_bytes: int = 1024 * MiB, max_connections: int | None = None,
                  header_timeout_s: float = 10.0, body_timeout_s: float = 30.0, idle_timeout_s: float = 60.0,
-                 shutdown_timeout_s: float = 30.0):
+                 shutdown_timeout_s: float = 30.0, build_pool: PoolBuilder = serving_pool):
         self.metrics = Metrics()
-        self.repository = Repository(repository, self.metrics)
+        self.repository = Repository(repository, self.metrics, build_pool)
         self.host, self.http_port, self.grpc_port = host, http_port, grpc_port
         self.api_key = api_key or None
         self.max_request_bytes = max_request_bytes
