@@ -84,6 +84,8 @@ class RemoteReplica:
     def run(self, feeds: Feeds, output_names: Sequence[str] | None = None) -> dict[str, Any]:
         arrays, wanted = check_feeds(self.model, feeds), resolve_outputs(self.model, output_names)
         where = f"model {self.model.label!r} on node {self.node.info.name} ({self.node.info.address})"
+        if self.node.state == LOST:  # another lane of this replica found the node gone
+            raise ReplicaLostError(f"{where}: the node or its worker is gone")
         try:
             ref = self.node.worker.run.remote(self.key, self.index, arrays, wanted)
             return ray.get(ref, timeout=self.timeout_s)
@@ -149,7 +151,26 @@ class ClusterPool(ReplicaPool):
         return {r.name: r.session.plan_text for r in self.replicas if r.live}
 
     def on_node(self, node_id: str) -> list[Replica]:
+        """The pool's entries (a replica's lanes) on a node."""
         return [r for r in self.replicas if r.session.node.info.id == node_id]
+
+    def figures(self) -> list[dict[str, Any]]:
+        """Per replica, its lanes together: node, requests served and failed, busy seconds, and
+        while live the measured seconds per request (the lanes' rates added) and requests running."""
+        grouped: dict[str, list[Replica]] = {}
+        for lane in self.replicas:
+            grouped.setdefault(lane.name, []).append(lane)
+        figures = []
+        for name, lanes in grouped.items():
+            live = [lane for lane in lanes if lane.live]
+            speeds = [lane.seconds_per_request for lane in live]
+            figures.append({
+                "replica": name, "node": lanes[0].session.node.info.name, "live": bool(live),
+                "served": sum(lane.served for lane in lanes), "failed": sum(lane.failed for lane in lanes),
+                "busy_seconds": sum(lane.busy_seconds for lane in lanes),
+                "seconds_per_request": 1 / sum(1 / s for s in speeds) if speeds and all(speeds) else None,
+                "running": sum(lane.running_since is not None for lane in live)})
+        return figures
 
     def close(self, wait: bool = True) -> None:
         """Finish the queued requests, then free the replicas on every node."""
@@ -166,18 +187,20 @@ class Cluster:
     a running cluster (`ray start --head` on one server, `ray start --address=HEAD:6379` on the
     others); None uses the Ray this process already connected to. `imports` are modules every
     worker imports first (custom kernels). `call_timeout_s` bounds one request's round trip.
-    Nodes that join are used within `poll_s` seconds; call `close` (or use `with`) to stop.
+    Each replica joins the pool as `lanes` entries, so while it runs one request the next is
+    already on its way (the round trip hidden; measured per lane, their speeds add up to the
+    replica's). Nodes that join are used within `poll_s` seconds; `close` (or `with`) stops.
     """
 
     def __init__(self, address: str | None = "auto", *, imports: Sequence[str] = (), poll_s: float = 1.0,
-                 call_timeout_s: float = 120.0, start_timeout_s: float = 120.0,
+                 lanes: int = 2, call_timeout_s: float = 120.0, start_timeout_s: float = 120.0,
                  load_timeout_s: float = 900.0, drain_timeout_s: float = 60.0):
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             ray.init(address=address or "auto", logging_level=logging.WARNING,
                      **({"include_dashboard": False} if address == "local" else {}))
         self.imports = tuple(imports)
-        self.poll_s, self.call_timeout_s = poll_s, call_timeout_s
+        self.poll_s, self.lanes, self.call_timeout_s = poll_s, lanes, call_timeout_s
         self.start_timeout_s, self.load_timeout_s, self.drain_timeout_s = (start_timeout_s, load_timeout_s,
                                                                            drain_timeout_s)
         self._nodes: dict[str, _Node] = {}
@@ -219,9 +242,8 @@ class Cluster:
                 node.facts = facts
         return [{"node": n.info.name, "id": n.info.id, "address": n.info.address, "state": n.state,
                  "error": n.error, **n.facts,
-                 "replicas": [{"model": p.model.label, "replica": r.name, "served": r.served,
-                               "failed": r.failed, "seconds_per_request": r.seconds_per_request,
-                               "live": r.live} for p in pools for r in p.on_node(n.info.id)]}
+                 "replicas": [{"model": p.model.label, **figures} for p in pools for figures in p.figures()
+                              if figures["node"] == n.info.name]}
                 for n in nodes]
 
     def busy(self, timeout_s: float = 2.0) -> dict[str, dict[str, float]]:
@@ -267,7 +289,7 @@ class Cluster:
                 raise
             with self._lock:
                 self._pools.append(pool)
-        log.info("deployed", extra={"fields": {"model": loaded.label, "replicas": [n for _, n in built],
+        log.info("deployed", extra={"fields": {"model": loaded.label, "replicas": sorted(pool.plans),
                                                "left_out": errors}})
         return pool
 
@@ -389,8 +411,9 @@ class Cluster:
             if isinstance(loaded, Exception):
                 errors.append(f"node {node.info.name} ({node.info.address}): {_reason(loaded)}")
                 continue
-            built += [(RemoteReplica(node, spec.key, i, spec.model, plan, self.call_timeout_s),
-                       f"{node.info.name}/{name}") for i, (name, plan) in enumerate(loaded)]
+            for index, (name, plan) in enumerate(loaded):
+                remote = RemoteReplica(node, spec.key, index, spec.model, plan, self.call_timeout_s)
+                built += [(remote, f"{node.info.name}/{name}")] * self.lanes
         return built, errors
 
     def _forget(self, pool: ClusterPool) -> None:

@@ -62,21 +62,21 @@ class ClusterMetrics(Collector):
                                    "round trip to its node included.", labels=labels)
         speed = GaugeMetricFamily("hetero_replica_seconds_per_request", "Measured seconds per request of "
                                   "the pool's reference size (what routing uses).", labels=labels)
-        running = GaugeMetricFamily("hetero_replica_running", "1 while the replica runs a request; 0 idle.",
-                                    labels=labels)
+        running = GaugeMetricFamily("hetero_replica_running", "Requests the replica runs or has waiting on "
+                                    "its node now.", labels=labels)
         queued = GaugeMetricFamily("hetero_pool_queued", "Requests (or batches) waiting for a replica.",
                                    labels=["model", "version"])
         for model in self.repository.ready():
             queued.add_metric([model.name, model.version], model.pool.queued)
-            for replica in model.pool.replicas:
-                if not replica.live:
+            for replica in model.pool.figures():
+                if not replica["live"]:
                     continue
-                values = [model.name, model.version, replica.session.node.info.name, replica.name]
-                served.add_metric(values, replica.served)
-                failed.add_metric(values, replica.failed)
-                busy.add_metric(values, replica.busy_seconds)
-                speed.add_metric(values, replica.seconds_per_request or 0.0)
-                running.add_metric(values, float(replica.running_since is not None))
+                values = [model.name, model.version, replica["node"], replica["replica"]]
+                served.add_metric(values, replica["served"])
+                failed.add_metric(values, replica["failed"])
+                busy.add_metric(values, replica["busy_seconds"])
+                speed.add_metric(values, replica["seconds_per_request"] or 0.0)
+                running.add_metric(values, replica["running"])
         yield from (served, failed, busy, speed, running, queued)
         nodes = GaugeMetricFamily("hetero_node_up", "1 for each node serving, 0 for one draining or lost.",
                                   labels=["node", "address", "state"])
