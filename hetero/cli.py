@@ -442,6 +442,9 @@ def cluster(address: Annotated[str, typer.Argument(
                           row["version"])
             where = ("", "", "")
     console.print(table)
+    for node in nodes:
+        for library, error in node.get("missing", {}).items():
+            console.print(f"{node['node']}: [yellow]{library}[/]: {escape(error or 'no device found')}")
 
 
 @app.command()

@@ -82,12 +82,12 @@ class RemoteReplica:
         return f"<RemoteReplica {self.model.label!r} #{self.index} on node {self.node.info.name}>"
 
     def run(self, feeds: Feeds, output_names: Sequence[str] | None = None) -> dict[str, Any]:
-        arrays, wanted = check_feeds(self.model, feeds), resolve_outputs(self.model, output_names)
+        """Run one request on the node (the node's Session checks the feeds, as the pool did)."""
         where = f"model {self.model.label!r} on node {self.node.info.name} ({self.node.info.address})"
         if self.node.state == LOST:  # another lane of this replica found the node gone
             raise ReplicaLostError(f"{where}: the node or its worker is gone")
         try:
-            ref = self.node.worker.run.remote(self.key, self.index, arrays, wanted)
+            ref = self.node.worker.run.remote(self.key, self.index, dict(feeds), output_names)
             return ray.get(ref, timeout=self.timeout_s)
         except RayActorError as exc:
             if self.node.state != DRAINING:
@@ -123,8 +123,11 @@ class _Spec:
     cpu_streams: int | None
     policy: str
 
-    def replicas_for(self, node: NodeInfo) -> ReplicaSpec | None:
-        return self.replicas(node) if callable(self.replicas) else self.replicas
+    def replicas_for(self, node: NodeInfo) -> ReplicaSpec | bool | None:
+        """The node's replica spec (None: every device); False when the node is left out."""
+        if not callable(self.replicas):
+            return self.replicas
+        return self.replicas(node) or False
 
 
 class ClusterPool(ReplicaPool):
@@ -405,7 +408,7 @@ class Cluster:
         node that could not build them."""
         chosen = [(n, spec.replicas_for(n.info)) for n in nodes]
         calls = [(n, n.worker.load.remote(spec.key, spec.blob, replicas, spec.cpu_streams, spec.policy))
-                 for n, replicas in chosen if replicas is None or len(replicas)]
+                 for n, replicas in chosen if replicas is not False]
         built, errors = [], []
         for node, loaded in _gather(calls, self.load_timeout_s):
             if isinstance(loaded, Exception):

@@ -27,11 +27,12 @@ def describe_node(cores: int = 0) -> dict[str, Any]:
     """This node as plain data: host name, cores Hetero uses, every device and executor, and the
     libraries that are missing or found no device (with why)."""
     inventory = devices()
+    cores = min(cores, default_threads()) if cores else default_threads()
     return {
         "hostname": socket.gethostname(),
-        "cores": min(cores, default_threads()) if cores else default_threads(),
+        "cores": cores,
         "executors": [{"device": entry.device, "description": entry.description, "executor": info.name,
-                       "library": info.library, "version": info.version, "threads": info.threads,
+                       "library": info.library, "version": info.version, "threads": min(info.threads, cores),
                        "precision": info.precision}
                       for entry in inventory.devices for info in entry.executors],
         "missing": {lib.library: lib.error for lib in inventory.libraries if not lib.executors},
@@ -66,8 +67,8 @@ class NodeWorker:
         self._models[key] = [session for _, session in named]
         return [(name, str(session.plan)) for name, session in named]
 
-    def run(self, key: str, index: int, arrays: dict[str, Any], wanted: list[str]) -> dict[str, Any]:
-        return self._models[key][index].run(arrays, wanted)
+    def run(self, key: str, index: int, feeds: dict[str, Any], wanted: list[str] | None) -> dict[str, Any]:
+        return self._models[key][index].run(feeds, wanted)
 
     def unload(self, key: str) -> None:
         for session in self._models.pop(key, []):

@@ -129,7 +129,8 @@ class ServedModel:
             "max_batch_size": self.config.max_batch_size,
             "input": [tensor(i) for i in self.model.inputs],
             "output": [tensor(self.model.tensor(n)) for n in self.outputs],
-            "instance_group": [{"name": r.name, "count": 1} for r in self.pool.replicas],
+            "instance_group": [{"name": name, "count": 1}
+                               for name in dict.fromkeys(r.name for r in self.pool.replicas if r.live)],
             "parameters": {"policy": {"string_value": self.config.policy}},
         }
         batching = self.config.dynamic_batching
