@@ -39,7 +39,9 @@ def _paced(node: hetero.ray.NodeInfo):
 def ray_cluster():
     cluster = RayCluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "labels": {"pace": str(SLOW)}, "include_dashboard": False})
-    cluster.add_node(num_cpus=1, labels={"pace": str(FAST)})
+    # the second node also has simulated cards (only `hetero cluster` looks at them here)
+    cluster.add_node(num_cpus=1, labels={"pace": str(FAST)},
+                     env_vars={"HETERO_SIMULATE": str(ROOT / "examples" / "devices" / "two-cards.yaml")})
     # the workers import hetero from this checkout, and conftest (the stub executor) from tests/
     ray.init(address=cluster.address, logging_level=logging.WARNING,
              runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}})
@@ -195,7 +197,7 @@ def test_ray_drain_node_finishes_its_requests_then_sends_no_more(ray_cluster, cl
 @pytest.mark.slow
 def test_serve_on_the_cluster(cluster, tmp_path: Path, reference) -> None:
     """The same repository and config served over HTTP and gRPC; batches formed at the front end;
-    /metrics per node and per replica; `hetero cluster` lists every node and executor."""
+    /metrics per node and per replica; `hetero cluster` lists every node with its own devices."""
     tritonhttp = pytest.importorskip("tritonclient.http")
     tritongrpc = pytest.importorskip("tritonclient.grpc")
     import httpx
@@ -243,9 +245,12 @@ def test_serve_on_the_cluster(cluster, tmp_path: Path, reference) -> None:
         for node in nodes:
             busy = _samples(metrics, f'hetero_node_device_busy_seconds_total{{node="{node}"')
             assert sum(busy.values()) > 0
+        found = {node["node"]: {e["executor"] for e in node["executors"]} for node in hetero.ray.probe(None)}
+        simulated = {name for name, executors in found.items() if "sim@sim:1" in executors}
+        assert set(found) == nodes and len(simulated) == 1 and all("numpy@cpu" in e for e in found.values())
         listing = CliRunner().invoke(app, ["cluster"])
         assert listing.exit_code == 0, listing.output
-        assert all(node in listing.output for node in nodes) and "numpy@cpu" in listing.output
+        assert all(node in listing.output for node in nodes) and "sim@sim:1" in listing.output
     finally:
         server.stop()
     assert not server.repository.ready()
