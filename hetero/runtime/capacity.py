@@ -95,8 +95,8 @@ def predict(replicas: Sequence[ReplicaProfile], cores: int | None = None, server
                       bottleneck)
 
 
-def profile(session: Session, feeds: dict, *, name: str | None = None, source: str = "measured",
-            requests: int = 10, budget_s: float = 2.0, simulation_cpu: bool = False) -> ReplicaProfile:
+def profile(session: Session, feeds: dict, *, source: str = "measured", requests: int = 10,
+            budget_s: float = 2.0, simulation_cpu: bool = False) -> ReplicaProfile:
     """Serve requests one at a time on `session` (after two to warm up) and profile them.
 
     The host's work of simulating cards (computing their values) is left out of the host CPU, as
@@ -136,7 +136,8 @@ def profile(session: Session, feeds: dict, *, name: str | None = None, source: s
         else:
             parts[where] = parts.get(where, 0.0) + (event.end - event.start) / count
     parts[HOST_PART] = host + max(0.0, seconds - host - sum(parts.values()))
-    return ReplicaProfile(name or _describe(session), source, seconds, cpu_s, max(0.0, seconds - on_cards),
+    name = "+".join(dict.fromkeys(e.name for e in session.plan.executors))
+    return ReplicaProfile(name, source, seconds, cpu_s, max(0.0, seconds - on_cards),
                           {k: v for k, v in parts.items() if v > 0})
 
 
@@ -145,9 +146,6 @@ def _card_busy(executor: Executor) -> dict[str, float]:
     return {f"{card.device} compute": card.compute.busy_s,
             **{name: line.busy_s for name, line in card.links.items()}}
 
-
-def _describe(session: Session) -> str:
-    return "+".join(dict.fromkeys(e.name for e in session.plan.executors))
 
 
 @dataclass
