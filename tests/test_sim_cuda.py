@@ -247,3 +247,20 @@ def test_gpu_torch_copies_between_gpus_directly():
     want = hetero.compile(model, ["numpy"]).run(feeds)["logits"]
     np.testing.assert_allclose(session.run(feeds)["logits"], want, rtol=1e-3, atol=1e-4)
     assert between and session.stats.direct_transfers == len(between)
+
+
+@pytest.mark.parametrize(("listing", "extras"), [("GPU 0: NVIDIA H100 (UUID: GPU-1)", "dev,cuda"),
+                                                 ("No devices were found", "dev")])
+def test_setup_adds_the_cuda_extra_only_where_nvidia_smi_lists_a_gpu(tmp_path, listing, extras):
+    """scripts/setup's choice of extras, with a stand-in nvidia-smi: CI has none and pulls no CUDA wheels."""
+    import subprocess
+    from pathlib import Path
+
+    fake = tmp_path / "nvidia-smi"
+    fake.write_text(f"#!/bin/sh\necho '{listing}'\n")
+    fake.chmod(0o755)
+    setup = Path(__file__).resolve().parent.parent / "scripts" / "setup"
+    choice = subprocess.run(  # the lines of scripts/setup from EXTRAS=dev to its fi
+        ["bash", "-c", f"eval \"$(sed -n '/^EXTRAS=dev$/,/^fi$/p' {setup})\"; echo $EXTRAS"],
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"}, capture_output=True, text=True, timeout=30, check=True)
+    assert choice.stdout.strip() == extras
