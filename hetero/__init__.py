@@ -8,6 +8,7 @@
 from hetero.errors import (
     CompileError,
     DanglingInputError,
+    DeadlineExceededError,
     ExecutorError,
     ExecutorUnavailableError,
     GraphCycleError,
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CompileError",
     "DanglingInputError",
+    "DeadlineExceededError",
     "ExecutorError",
     "ExecutorUnavailableError",
     "GraphCycleError",

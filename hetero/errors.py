@@ -54,6 +54,10 @@ class QueueFullError(HeteroError):
     """Too many requests are in flight; the caller should back off and retry."""
 
 
+class DeadlineExceededError(HeteroError, TimeoutError):
+    """A request got no answer within its timeout; the message says what was still running."""
+
+
 class PlanError(HeteroError):
     """No valid placement exists for the model with the executors and policy given."""
 

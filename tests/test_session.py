@@ -4,7 +4,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from conftest import StubExecutor
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 import hetero
 from hetero.graph import example_feeds
@@ -137,3 +137,44 @@ def test_a_request_that_fails_everywhere_keeps_the_plan():
     assert session.plan is before
     assert session.run({"table": np.eye(4, 2, dtype=np.float32), "index": np.array([1])})["row"].tolist() \
         == [[0.0, 1.0]]
+
+
+def _aliasing_model():
+    """Outputs that a library could hand back as views of an input or an initializer."""
+    weight = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w")
+    shape = numpy_helper.from_array(np.array([3, 2], np.int64), "shape")
+    nodes = [helper.make_node("Identity", ["x"], ["id_x"], name="id_x"),
+             helper.make_node("Reshape", ["x", "shape"], ["rs_x"], name="rs_x"),
+             helper.make_node("Transpose", ["x"], ["tr_x"], name="tr_x"),
+             helper.make_node("Identity", ["w"], ["id_w"], name="id_w"),
+             helper.make_node("Reshape", ["w", "shape"], ["rs_w"], name="rs_w"),
+             helper.make_node("Relu", ["x"], ["h"], name="relu"),
+             helper.make_node("Identity", ["h"], ["h1"], name="h1"),
+             helper.make_node("Identity", ["h"], ["h2"], name="h2")]
+    outputs = {"id_x": [2, 3], "rs_x": [3, 2], "tr_x": [3, 2], "id_w": [2, 3], "rs_w": [3, 2], "w": [2, 3],
+               "x": [2, 3], "h1": [2, 3], "h2": [2, 3]}
+    values = [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in outputs.items()]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])
+    graph = helper.make_graph(nodes, "aliasing", [x], values, [weight, shape])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("library", ["numpy", "onnxruntime", "openvino", "torch", "opencl"])
+def test_outputs_are_the_callers_own(library):
+    """Returned arrays never share memory with the caller's inputs, the model's initializers or
+    each other, whatever the library hands back (torch returns views of its input for Identity)."""
+    if not any(e.library == library for e in hetero.executors.available()):
+        pytest.skip(f"{library} is not installed")
+    session = hetero.compile(_aliasing_model(), [library, "numpy"])
+    x = np.arange(6, dtype=np.float32).reshape(2, 3) - 2
+    expected = _reference(_aliasing_model(), {"x": x.copy()})
+    out = session.run({"x": x})
+    names = list(out)
+    for i, name in enumerate(names):
+        assert not np.shares_memory(out[name], x), name
+        assert all(not np.shares_memory(out[name], out[other]) for other in names[i + 1:]), name
+        out[name] *= 1000  # the caller's to change
+    np.testing.assert_array_equal(x, np.arange(6, dtype=np.float32).reshape(2, 3) - 2)
+    again = session.run({"x": x})
+    for name, value in expected.items():
+        np.testing.assert_allclose(again[name], value, rtol=1e-6, err_msg=name)

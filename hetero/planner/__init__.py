@@ -10,7 +10,7 @@ from hetero.errors import PlanError
 from hetero.executors import Executor
 from hetero.graph import Model
 from hetero.planner.cost import CostModel, ExecutorProfile, Progress, learn_switches
-from hetero.planner.placement import Capability, forget, place_manual, place_priority, reject
+from hetero.planner.placement import Capability, Rejections, place_manual, place_priority
 from hetero.planner.plan import HOST, CandidateReport, Partition, Plan, Transfer, build_plan
 from hetero.planner.search import Candidate, candidates, estimate
 
@@ -20,15 +20,17 @@ MEASURED_POLICIES = ("latency", "throughput", "auto")
 
 def plan(model: Model, executors: Sequence[str | Executor] | None = None, policy: str = "priority", *,
          affinity: Mapping[str, str | Executor] | None = None, assignment: Mapping[str, str] | None = None,
-         progress: Progress | None = None, profiles: Mapping[str, ExecutorProfile] | None = None) -> Plan:
+         progress: Progress | None = None, profiles: Mapping[str, ExecutorProfile] | None = None,
+         rejections: Rejections | None = None) -> Plan:
     """Place every node of `model` on one of `executors` by `policy` and cut it into partitions.
 
     `assignment` (node name -> executor name, e.g. a measured candidate) is honoured wherever the
     executor can still run the node; the rest falls back by priority. For the measured policies
     this returns the best estimate; `hetero.plan` and `hetero.compile` measure candidates whole.
+    `rejections` (a session's) keeps nodes off executors that failed on them.
     """
     chosen = executor_registry.resolve(executors)
-    capability = Capability(model, chosen)
+    capability = Capability(model, chosen, rejections)
     if assignment is not None:
         by_name = {e.name: e for e in chosen}
         placed = []
@@ -44,7 +46,7 @@ def plan(model: Model, executors: Sequence[str | Executor] | None = None, policy
     if policy == "manual":
         return build_plan(model, place_manual(capability, affinity or {}), policy)
     if policy in MEASURED_POLICIES:
-        return search(model, chosen, progress=progress, profiles=profiles)[0].plan
+        return search(model, chosen, progress=progress, profiles=profiles, rejections=rejections)[0].plan
     raise PlanError(f"unknown policy {policy!r}; choose one of {', '.join(POLICIES)}")
 
 
@@ -52,7 +54,8 @@ def search(model: Model, executors: Sequence[str | Executor] | None = None, *,
            progress: Progress | None = None, profiles: Mapping[str, ExecutorProfile] | None = None,
            scale: Mapping[str, float] | None = None, shapes: Mapping[str, Sequence[int]] | None = None,
            values: Callable[[], Mapping[str, Any]] | None = None,
-           profile: Collection[str] | None = None, budget_s: float | None = None) -> list[Candidate]:
+           profile: Collection[str] | None = None, budget_s: float | None = None,
+           rejections: Rejections | None = None) -> list[Candidate]:
     """Profile what is not measured yet, then return candidate placements, best estimate first.
 
     `scale` calibrates each executor's node costs (see `CostModel.node`); `shapes` and `values`
@@ -61,7 +64,7 @@ def search(model: Model, executors: Sequence[str | Executor] | None = None, *,
     executors named (the others are estimated); `budget_s` bounds the time spent measuring nodes
     (the heaviest first)."""
     chosen = executor_registry.resolve(executors)
-    capability = Capability(model, chosen)
+    capability = Capability(model, chosen, rejections)
     costs = CostModel(model, chosen, profiles, scale, shapes=shapes, values=values, profile=profile)
     able = {node.index: capability.candidates(node) for node in model.nodes}
     costs.measure(costs.unmeasured(able), progress, budget_s)
@@ -76,5 +79,5 @@ def search(model: Model, executors: Sequence[str | Executor] | None = None, *,
 
 
 __all__ = ["HOST", "MEASURED_POLICIES", "POLICIES", "Candidate", "CandidateReport", "Capability",
-           "CostModel", "ExecutorProfile", "Partition", "Plan", "Transfer", "estimate", "forget",
-           "learn_switches", "plan", "reject", "search"]
+           "CostModel", "ExecutorProfile", "Partition", "Plan", "Rejections", "Transfer", "estimate",
+           "learn_switches", "plan", "search"]

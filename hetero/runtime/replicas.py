@@ -10,6 +10,13 @@ never holds back work a fast one would have done first.
 A replica need not be local: anything with a Session's `model` and `run(arrays, output_names)`
 will do (`hetero.ray` runs replicas on the nodes of a Ray cluster). Replicas may join a running
 pool (`add`) and leave it (`retire`, or a `ReplicaLostError` raised by their `run`).
+
+The pool has no threads of its own: a request runs as a `Session.submit` on the replica's
+devices' workers (a replica with only `run` gets a single-thread executor of its own), and the
+pool dispatches the next when one finishes. A request whose replica fails is retried on another;
+one whose replica stalls (far past its measured time) is started on another too, and the first
+answer wins. A request with a `timeout` fails with `DeadlineExceededError` when it passes; a
+cancelled one leaves the queue at once.
 """
 
 from __future__ import annotations
@@ -18,19 +25,28 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from hetero import executors as executor_registry
-from hetero.errors import HeteroError, InputError, QueueFullError, ReplicaLostError
+from hetero.errors import DeadlineExceededError, HeteroError, InputError, QueueFullError, ReplicaLostError
 from hetero.executors import Executor, default_threads, is_accelerator
 from hetero.graph import Model, example_feeds, load
 from hetero.graph.load import ModelSource
 from hetero.planner import Plan
-from hetero.runtime.session import Feeds, Requests, Session, check_feeds, compile_plan, resolve_outputs
+from hetero.runtime.session import (
+    Feeds,
+    Requests,
+    Session,
+    check_feeds,
+    compile_plan,
+    resolve_outputs,
+    settle,
+)
+from hetero.runtime.workers import Timer, call_later
 
 _SMOOTHING = 0.2  # weight of the newest measurement in the per-replica time estimate
 
@@ -44,20 +60,31 @@ class Replica:
     seconds_per_request: float | None = None  # for a request of the pool's reference size
     served: int = 0
     failed: int = 0
+    stalls: int = 0
     busy_seconds: float = 0.0
     running_since: float | None = None
     running_size: float = 1.0
-    retired: bool = False  # takes no new request; its thread ends after the one it runs
-    thread: threading.Thread | None = field(default=None, repr=False)
+    stalled: bool = False  # its request ran far past its measured time; it gets no other until done
+    retired: bool = False  # takes no new request; the one it runs finishes
+    lane: ThreadPoolExecutor | None = field(default=None, repr=False)  # for a replica with only `run`
 
     @property
     def live(self) -> bool:
-        return not self.retired and self.thread is not None and self.thread.is_alive()
+        return not self.retired
 
     def remaining(self, now: float) -> float:
         if self.running_since is None:
             return 0.0
         return max(0.0, (self.seconds_per_request or 0.0) * self.running_size - (now - self.running_since))
+
+    def attempt(self, arrays: dict[str, Any], wanted: list[str]) -> Future:
+        """Start one request on this replica: a Session's own `submit`, else `run` on its lane."""
+        submit = getattr(self.session, "submit", None)
+        if submit is not None:
+            return submit(arrays, wanted, block=False)
+        if self.lane is None:
+            self.lane = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"hetero-replica-{self.name}")
+        return self.lane.submit(self.session.run, arrays, wanted)
 
 
 @dataclass(eq=False)
@@ -66,28 +93,38 @@ class _Job:
     wanted: list[str]
     future: Future
     size: float = 1.0  # input bytes relative to the pool's reference request
+    timeout: float | None = None
     excluded: set[int] = field(default_factory=set)
+    running: set[int] = field(default_factory=set)  # replicas working on it now
+    error: BaseException | None = None  # the last attempt's, returned if no replica is left
+    timer: Timer | None = None
 
 
 class ReplicaPool(Requests):
-    """Requests spread over replicas; the same `run` / `submit` / `run_async` / `map` as a Session."""
+    """Requests spread over replicas; the same `run` / `submit` / `run_async` / `map` as a Session.
+
+    A replica whose request runs longer than `stall_factor` times its measured time per request
+    (and at least `min_stall_s`) is considered stalled: the request is started on another replica
+    as well, and the replica takes no other request until its own returns.
+    """
 
     def __init__(self, replicas: Sequence[Session], *, names: Sequence[str] | None = None,
-                 max_in_flight: int | None = None):
+                 max_in_flight: int | None = None, stall_factor: float = 10.0, min_stall_s: float = 2.0):
         if not replicas:
             raise HeteroError("a ReplicaPool needs at least one replica")
         self.model = replicas[0].model
         self.replicas = [Replica(s, name) for s, name in
                          zip(replicas, names or [_describe(s) for s in replicas], strict=True)]
         self.max_in_flight = max_in_flight or 4 * len(replicas)
+        self.stall_factor = stall_factor
+        self.min_stall_s = min_stall_s
         self._slots = threading.BoundedSemaphore(self.max_in_flight)
         self._queue: deque[_Job] = deque()
+        self._pending: set[_Job] = set()  # submitted, not answered yet
         self._cond = threading.Condition()
         self._closing = False
         self._reference_bytes = 0
         self._feeds: Feeds | None = None  # what warm_up measured with, for replicas that join later
-        for index in range(len(self.replicas)):
-            self._start(index)
 
     @classmethod
     def build(cls, model: ModelSource, replicas: Sequence[Sequence[str | Executor]] | None = None, *,
@@ -109,7 +146,7 @@ class ReplicaPool(Requests):
             try:
                 pool.warm_up()
             except BaseException:
-                pool.close(wait=False)  # else its replica threads wait forever
+                pool.close(wait=False)
                 raise
         return pool
 
@@ -131,7 +168,7 @@ class ReplicaPool(Requests):
             if self._closing:
                 raise HeteroError(f"model {self.model.label!r}: the replica pool is closed")
             self.replicas.append(replica)
-            self._start(len(self.replicas) - 1)
+        self._dispatch()
         return replica
 
     def retire(self, replica: Replica) -> None:
@@ -141,6 +178,8 @@ class ReplicaPool(Requests):
             stranded = self._stranded()
             self._cond.notify_all()
         self._fail(stranded)
+        if replica.lane is not None:
+            replica.lane.shutdown(wait=False)
 
     @property
     def live(self) -> int:
@@ -160,56 +199,88 @@ class ReplicaPool(Requests):
     def __repr__(self) -> str:
         return f"<ReplicaPool {self.model.label!r}: {', '.join(r.name for r in self.replicas)}>"
 
-    def run(self, feeds: Feeds, output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        return self.submit(feeds, output_names).result()
+    def run(self, feeds: Feeds, output_names: Sequence[str] | None = None, *,
+            timeout: float | None = None) -> dict[str, np.ndarray]:
+        """Run one request on the replica that finishes it first; `timeout` as in `Session.run`."""
+        return self.submit(feeds, output_names, timeout=timeout).result()
 
     def submit(self, feeds: Feeds, output_names: Sequence[str] | None = None, *, block: bool = True,
                timeout: float | None = None) -> Future:
-        """Queue a request for the replica that will finish it first; bad feeds raise at once."""
+        """Queue a request for the replica that will finish it first; bad feeds raise at once.
+
+        `block` and `timeout` as in `Session.submit`: the Future fails with
+        `DeadlineExceededError` if no replica answers within `timeout` seconds.
+        """
         if self._closing:
             raise HeteroError(f"model {self.model.label!r}: the replica pool is closed")
         arrays, wanted = check_feeds(self.model, feeds), resolve_outputs(self.model, output_names)
         if not self.live:
             raise HeteroError(f"model {self.model.label!r}: no replica left to run the request")
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._slots.acquire(block, timeout if block else None):
             raise QueueFullError(f"model {self.model.label!r}: {self.max_in_flight} requests already in "
                                  "flight; try again later")
         nbytes = _nbytes(arrays)
         self._reference_bytes = self._reference_bytes or nbytes
-        job = _Job(arrays, wanted, Future(), nbytes / self._reference_bytes if nbytes else 1.0)
+        job = _Job(arrays, wanted, Future(), nbytes / self._reference_bytes if nbytes else 1.0, timeout)
+        job.future.add_done_callback(lambda _: self._closed(job))
+        if deadline is not None:
+            job.timer = call_later(deadline - time.monotonic(), lambda: self._expire(job))
         with self._cond:
-            self._queue.append(job)
-            self._cond.notify_all()
+            if not job.future.done():
+                self._pending.add(job)
+                self._queue.append(job)
+        self._dispatch()
         return job.future
 
-    def close(self, wait: bool = True) -> None:
-        """Refuse new requests; the replicas finish every queued one, then stop."""
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; the replicas finish every queued one. With `wait`, return once
+        every request is answered (`DeadlineExceededError` if not within `timeout` seconds)."""
         with self._cond:
             self._closing = True
-            self._cond.notify_all()
+            if wait and not self._cond.wait_for(lambda: not self._pending, timeout):
+                raise DeadlineExceededError(f"model {self.model.label!r}: {len(self._pending)} request(s) "
+                                            f"still in flight {timeout:g} s after close")
         if wait:
             for replica in self.replicas:
-                if replica.thread is not None:
-                    replica.thread.join()
+                if replica.lane is not None:
+                    replica.lane.shutdown(wait=False)
 
-    def _start(self, index: int) -> None:
-        replica = self.replicas[index]
-        replica.thread = threading.Thread(target=self._serve, args=(index,), daemon=True,
-                                          name=f"hetero-replica-{replica.name}")
-        replica.thread.start()
+    def _closed(self, job: _Job) -> None:
+        """The job's future is done (answered, failed, cancelled or timed out): free its place."""
+        if job.future.cancelled():
+            job.future.set_running_or_notify_cancel()  # so concurrent.futures.wait counts it as done
+        if job.timer is not None:
+            job.timer.cancel()
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+            self._pending.discard(job)
+            self._cond.notify_all()
+        self._slots.release()
 
-    def _serve(self, index: int) -> None:
-        replica = self.replicas[index]
+    def _expire(self, job: _Job) -> None:
+        where = (", ".join(self.replicas[i].name for i in sorted(job.running)) + " still running"
+                 if job.running else "waiting for a replica")
+        settle(job.future, error=DeadlineExceededError(
+            f"model {self.model.label!r}: no answer within {job.timeout:g} s ({where})"))
+
+    def _dispatch(self) -> None:
+        """Start queued jobs on idle replicas, each on the replica that will finish it first."""
         while True:
             with self._cond:
-                job = None if replica.retired else self._take(index)
-                while job is None:
-                    if replica.retired or (self._closing and not self._queue):
-                        return
-                    self._cond.wait()
-                    job = self._take(index)
-                replica.running_since, replica.running_size = time.perf_counter(), job.size
-            self._execute(index, job)
+                start = None
+                for index, replica in enumerate(self.replicas):
+                    if replica.live and replica.running_since is None:
+                        job = self._take(index)
+                        if job is not None:
+                            replica.running_since, replica.running_size = time.perf_counter(), job.size
+                            job.running.add(index)
+                            start = index, job
+                            break
+            if start is None:
+                return
+            self._start(*start)
 
     def _take(self, index: int) -> _Job | None:
         """The next job for replica `index`, if no faster replica would finish it sooner.
@@ -227,7 +298,8 @@ class ReplicaPool(Requests):
             sooner = 0
             for other_index, other in enumerate(self.replicas):
                 theirs = other.seconds_per_request
-                if other_index == index or not theirs or not other.live:
+                if (other_index == index or not theirs or not other.live or other.stalled
+                        or other_index in eligible[0].excluded):
                     continue
                 sooner += max(0, int((mine * size - other.remaining(now)) / (theirs * size) * (1 - 1e-9)))
             if len(eligible) <= sooner:
@@ -236,38 +308,68 @@ class ReplicaPool(Requests):
         self._queue.remove(job)
         return job
 
-    def _execute(self, index: int, job: _Job) -> None:
+    def _start(self, index: int, job: _Job) -> None:
         replica = self.replicas[index]
         start = time.perf_counter()
         try:
-            result = replica.session.run(job.arrays, job.wanted)
+            attempt = replica.attempt(job.arrays, job.wanted)
         except Exception as exc:
-            with self._cond:
-                replica.running_since = None
-                replica.failed += 1
-                replica.retired = replica.retired or isinstance(exc, ReplicaLostError)
-                job.excluded.add(index)
-                retry = not isinstance(exc, InputError) and any(
-                    r.live and i not in job.excluded for i, r in enumerate(self.replicas))
-                if retry:
-                    self._queue.appendleft(job)
-                stranded = self._stranded() if replica.retired else []
-                self._cond.notify_all()
-            if not retry:
-                self._fail([job], exc)
-            self._fail(stranded)
+            self._finished(index, job, None, exc, start, None)
             return
-        elapsed = time.perf_counter() - start
+        expected = (replica.seconds_per_request or 0.0) * job.size
+        stall = call_later(max(self.stall_factor * expected, self.min_stall_s),
+                           lambda: self._stalled(index, job, attempt))
+        attempt.add_done_callback(lambda done: self._finished(index, job, done, _error(done), start, stall))
+
+    def _stalled(self, index: int, job: _Job, attempt: Future) -> None:
         with self._cond:
-            previous, scaled = replica.seconds_per_request, elapsed / job.size
-            replica.seconds_per_request = scaled if previous is None else (
-                (1 - _SMOOTHING) * previous + _SMOOTHING * scaled)
-            replica.served += 1
-            replica.busy_seconds += elapsed
-            replica.running_since = None
+            if attempt.done() or job.future.done():
+                return
+            replica = self.replicas[index]
+            replica.stalled = True
+            replica.stalls += 1
+            job.excluded.add(index)
+            if job not in self._queue and self._others(job):
+                self._queue.appendleft(job)
+        self._dispatch()
+
+    def _others(self, job: _Job) -> bool:
+        """Whether a live replica the job has not failed on (or stalled on) is left."""
+        return any(r.live and i not in job.excluded for i, r in enumerate(self.replicas))
+
+    def _finished(self, index: int, job: _Job, attempt: Future | None, error: BaseException | None,
+                  start: float, stall: Timer | None) -> None:
+        if stall is not None:
+            stall.cancel()
+        elapsed = time.perf_counter() - start
+        replica = self.replicas[index]
+        stranded: list[_Job] = []
+        with self._cond:
+            replica.running_since, replica.stalled = None, False
+            job.running.discard(index)
+            if error is None:
+                previous, scaled = replica.seconds_per_request, elapsed / job.size
+                replica.seconds_per_request = scaled if previous is None else (
+                    (1 - _SMOOTHING) * previous + _SMOOTHING * scaled)
+                replica.served += 1
+                replica.busy_seconds += elapsed
+            else:
+                replica.failed += 1
+                replica.retired = replica.retired or isinstance(error, ReplicaLostError)
+                job.excluded.add(index)
+                job.error = error
+                retry = not isinstance(error, InputError) and not job.future.done() and self._others(job)
+                if retry and job not in self._queue:
+                    self._queue.appendleft(job)
+                give_up = not retry and not job.running and job not in self._queue
+                stranded = self._stranded() if replica.retired else []
             self._cond.notify_all()
-        self._slots.release()
-        job.future.set_result(result)
+        if error is None:
+            settle(job.future, attempt.result())
+        elif give_up:
+            settle(job.future, error=job.error)
+        self._fail(stranded)
+        self._dispatch()
 
     def _stranded(self) -> list[_Job]:
         """Queued jobs no live replica may take any more (each has failed on the rest); taken
@@ -278,11 +380,16 @@ class ReplicaPool(Requests):
             self._queue.remove(job)
         return stranded
 
-    def _fail(self, jobs: Sequence[_Job], error: Exception | None = None) -> None:
+    def _fail(self, jobs: Sequence[_Job]) -> None:
         for job in jobs:
-            self._slots.release()
-            job.future.set_exception(error or HeteroError(
+            settle(job.future, error=job.error or HeteroError(
                 f"model {self.model.label!r}: no replica left to run the request"))
+
+
+def _error(attempt: Future) -> BaseException | None:
+    if attempt.cancelled():
+        return HeteroError("the replica's request was cancelled")
+    return attempt.exception()
 
 
 def replica_sessions(model: ModelSource, replicas: Sequence[Sequence[str | Executor]] | None = None, *,

@@ -2,14 +2,22 @@
 
 Values stay in the memory space of the executor that produced them; a value crosses to another
 space only when a partition there reads it, once per space and request. Executors that share a
-memory space (every host library) hand each other the same numpy arrays, no copies.
+memory space (every host library) hand each other the same numpy arrays, no copies; what a
+request returns is the caller's own (copied only where it would share memory with an input, an
+initializer or another output).
 
 Every partition runs holding its compute resource (see `workers`): partitions on one device take
 turns, partitions on different devices run at once. `run` executes a plan inline when it is a
 chain; plans with independent partitions on different resources, and every `submit`, go through
-the resources' worker threads, so stage k of request i+1 runs while stage k+1 of request i runs
-on another device. At most `max_in_flight` requests are in flight; `submit` blocks (or raises
+the resources' workers, so stage k of request i+1 runs while stage k+1 of request i runs on
+another device. At most `max_in_flight` requests are in flight; `submit` blocks (or raises
 `QueueFullError`) beyond that, so memory stays bounded.
+
+A request can be cancelled (`future.cancel()`, or cancelling the asyncio task awaiting
+`run_async`) or given a `timeout`: it then frees its slot at once, and the steps it has not
+started are skipped. When a library fails on a partition it claimed, the session keeps those
+nodes off it (for a while: see `Rejections`), re-plans, and answers the request on the new plan;
+the new plan is kept only if that succeeds, so a bad request cannot degrade it.
 """
 
 from __future__ import annotations
@@ -21,7 +29,8 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, InvalidStateError, wait
+from concurrent.futures import TimeoutError as FutureTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -30,20 +39,28 @@ import numpy as np
 from onnx import numpy_helper
 
 from hetero import planner
-from hetero.errors import CompileError, HeteroError, InputError, QueueFullError, RunError
+from hetero.errors import (
+    CompileError,
+    DeadlineExceededError,
+    HeteroError,
+    InputError,
+    QueueFullError,
+    RunError,
+)
 from hetero.executors import CompiledPartition, Executor
 from hetero.graph import Model, TensorInfo, load
 from hetero.graph.load import ModelSource
-from hetero.planner import HOST, Plan
+from hetero.planner import HOST, Plan, Rejections
 from hetero.runtime.trace import Trace
-from hetero.runtime.workers import Resource, resource
+from hetero.runtime.workers import Resource, Timer, background, call_later, resource
 
 Feeds = Mapping[str, Any]
+_MAX_FALLBACKS = 3  # re-plans one request may go through before its error is returned
 
 
 @dataclass
 class RunStats:
-    """Counters since the session was built: requests, transfers made and bytes moved."""
+    """Counters since the session was built: requests answered, transfers made and bytes moved."""
 
     runs: int = 0
     transfers: int = 0
@@ -69,46 +86,69 @@ class _PartitionFailed(Exception):
         self.error = error
 
 
+class _Stopped(Exception):
+    """The request was cancelled or ran out of time: what is left of it is skipped."""
+
+
+class _SourceFailed(Exception):
+    """Moving `name` off the device that produced it failed: that device is at fault."""
+
+    def __init__(self, name: str, error: BaseException):
+        super().__init__(str(error))
+        self.name = name
+        self.error = error
+
+
 class _Values:
-    """One request's values by name and memory space, released when their last reader is done."""
+    """One attempt at a request: its values by name and memory space, released when their last
+    reader is done, and what is under way (so `stop` can skip or end it)."""
 
     def __init__(self, arrays: dict[str, Any], uses: dict[str, int], keep: set[str],
                  trace: Trace | None = None):
         self.trace = trace
         self.request = trace.new_request() if trace else 0
+        self.feeds = list(arrays.values())
         self._held: dict[str, dict[str, tuple[Executor | None, Any]]] = {
             name: {HOST: (None, array)} for name, array in arrays.items()}
         self._left = dict(uses)
         self._keep = keep
         self._lock = threading.Lock()
         self._moving: dict[tuple[str, str], threading.Event] = {}
+        self._tasks: set[Future] = set()
+        self.running: set[int] = set()
+        self.stopped = False
         self.transfers = 0
         self.transfer_bytes = 0
         self.direct_transfers = 0
 
     def fetch(self, name: str, target: Executor | None) -> Any:
-        """`name` in the target's memory space (None: host), moving it there once if needed; a
-        fetch that finds the same move under way (a prefetch) waits for it instead."""
+        """`name` in the target's memory space (None: host), moving it there once if needed. A
+        fetch that finds the same move under way (a prefetch) waits for it; if that move failed,
+        this fetch makes it itself, so the error (if any) is raised where the value is needed."""
         space = HOST if target is None else target.memory_space
-        with self._lock:
-            held = self._held[name]
-            if space in held:
-                return held[space][1]
-            moving = self._moving.get((name, space))
-            if moving is None:
-                self._moving[name, space] = threading.Event()
-                owner, value = held.get(HOST) or next(iter(held.values()))
-        if moving is not None:
-            moving.wait()
+        while True:
             with self._lock:
-                return self._held[name][space][1]
+                if self.stopped:
+                    raise _Stopped
+                held = self._held[name]
+                if space in held:
+                    return held[space][1]
+                moving = self._moving.get((name, space))
+                if moving is None:
+                    self._moving[name, space] = threading.Event()
+                    owner, value = held.get(HOST) or next(iter(held.values()))
+                    break
+            moving.wait()  # set when that move ends, or when the request stops
         start = time.perf_counter()
         try:
             direct = None
             if owner is not None and target is not None and HOST not in (owner.memory_space, space):
                 direct = target.copy_from(value, owner)
             on_host = direct is not None or owner is None or owner.memory_space == HOST
-            host = value if on_host else owner.to_host(value)
+            try:
+                host = value if on_host else owner.to_host(value)
+            except Exception as exc:
+                raise _SourceFailed(name, exc) from exc
             moved = direct if direct is not None else (
                 host if target is None or space == HOST else target.to_device(host))
             if self.trace is not None:
@@ -137,6 +177,33 @@ class _Values:
                 if self._left[name] == 0 and name not in self._keep:
                     self._held.pop(name, None)
 
+    def track(self, task: Future) -> None:
+        """Remember a step or prefetch queued on a worker, so `stop` can cancel it."""
+        with self._lock:
+            stopped = self.stopped
+            if not stopped:
+                self._tasks.add(task)
+        if stopped:
+            task.cancel()
+        else:
+            task.add_done_callback(self._untrack)  # at once if done: outside the lock
+
+    def _untrack(self, task: Future) -> None:
+        with self._lock:
+            self._tasks.discard(task)
+
+    def stop(self) -> None:
+        """Skip the rest: queued steps are cancelled, waits end, values are released."""
+        with self._lock:
+            self.stopped = True
+            tasks, self._tasks = list(self._tasks), set()
+            events = list(self._moving.values())
+            self._held.clear()
+        for task in tasks:
+            task.cancel()
+        for event in events:
+            event.set()
+
 
 def held_space(owner: Executor | None) -> str:
     return HOST if owner is None else owner.memory_space
@@ -155,6 +222,7 @@ class _Program:
         self.steps = [_Step(p.index, p.executor, c, resource(p.executor.resource), tuple(p.depends_on),
                             tuple(dependents[p.index]))
                       for p, c in zip(plan.partitions, compiled, strict=True)]
+        self.producers = {name: step for step in self.steps for name in step.compiled.output_names}
         self.uses: dict[str, int] = {}
         for step in self.steps:
             for name in step.compiled.input_names:
@@ -165,10 +233,13 @@ class _Program:
                           if name not in produced}
         self.parallel = _has_parallel_branches(plan)
 
-    def _values(self, arrays: dict[str, Any], trace: Trace | None) -> _Values:
+    def values(self, arrays: dict[str, Any], trace: Trace | None) -> _Values:
         return _Values(arrays, self.uses, self.keep, trace)
 
     def _run_step(self, step: _Step, values: _Values) -> None:
+        if values.stopped:
+            raise _Stopped
+        values.running.add(step.index)
         try:
             args = [values.fetch(name, step.executor) for name in step.compiled.input_names]
             start = time.perf_counter()
@@ -176,9 +247,15 @@ class _Program:
             if values.trace is not None:
                 values.trace.record(f"#{step.index}", "partition", step.resource.name, step.executor.name,
                                     start, time.perf_counter(), values.request)
+            values.put(step.executor, step.compiled.output_names, outputs)
+        except _Stopped:
+            raise
+        except _SourceFailed as failed:
+            raise _PartitionFailed(self.producers[failed.name], failed.error) from failed.error
         except Exception as exc:
             raise _PartitionFailed(step, exc) from exc
-        values.put(step.executor, step.compiled.output_names, outputs)
+        finally:
+            values.running.discard(step.index)
         values.consumed(step.compiled.input_names)
 
     def _prefetch(self, step: _Step, values: _Values) -> None:
@@ -191,69 +268,81 @@ class _Program:
                 continue
             for name in produced.intersection(reader.compiled.input_names):
                 link = resource(f"link {step.executor.memory_space} -> {reader.executor.memory_space}")
-                link.post(lambda name=name, target=reader.executor: _quietly(values.fetch, name, target))
+                values.track(link.submit(_quietly, values.fetch, name, reader.executor))
 
     def _collect(self, values: _Values, wanted: Sequence[str]) -> dict[str, Any]:
-        result = {}
-        for name in wanted:
-            value = self.constants[name] if name in self.constants else values.fetch(name, None)
-            result[name] = np.asarray(value) if isinstance(value, np.generic) else value
-        return result
+        try:
+            result = {name: np.array(self.constants[name]) if name in self.constants
+                      else values.fetch(name, None) for name in wanted}
+        except _SourceFailed as failed:
+            raise _PartitionFailed(self.producers[failed.name], failed.error) from failed.error
+        return _owned(result, values.feeds)
 
-    def execute(self, arrays: dict[str, Any], wanted: Sequence[str],
-                trace: Trace | None = None) -> tuple[dict, _Values]:
+    def execute(self, values: _Values, wanted: Sequence[str]) -> dict[str, Any]:
         """Run the steps one after another in the calling thread."""
-        values = self._values(arrays, trace)
         for step in self.steps:
             self._run_step(step, values)
-        return self._collect(values, wanted), values
+        return self._collect(values, wanted)
 
-    def launch(self, arrays: dict[str, Any], wanted: Sequence[str],
-               done: Callable[[dict | None, BaseException | None, _Values], None],
-               trace: Trace | None = None) -> None:
-        """Post each step to its resource's worker as soon as its inputs exist; call `done` once."""
-        values = self._values(arrays, trace)
+    def launch(self, values: _Values, wanted: Sequence[str],
+               done: Callable[[dict | None, BaseException | None], None]) -> None:
+        """Submit each step to its resource's worker as soon as its inputs exist; call `done` once
+        (after a failure, the rest of this attempt is stopped)."""
         waiting = {step.index: len(step.depends_on) for step in self.steps}
-        state = {"finished": 0, "failed": False}
+        state = {"left": len(self.steps), "reported": False}
         lock = threading.Lock()
 
+        def report(result: dict | None, error: BaseException | None) -> None:
+            with lock:
+                if state["reported"]:
+                    return
+                state["reported"] = True
+            if error is not None:
+                values.stop()
+            done(result, error)
+
         def run(step: _Step) -> None:
-            if state["failed"]:
-                return
             try:
                 self._run_step(step, values)
-            except _PartitionFailed as failed:
                 with lock:
-                    first, state["failed"] = not state["failed"], True
-                if first:
-                    done(None, failed, values)
-                return
-            with lock:
-                state["finished"] += 1
-                ready = [d for d in step.dependents if _decrement(waiting, d) == 0]
-                complete = state["finished"] == len(self.steps)
-            self._prefetch(step, values)
-            for index in ready:
-                post(self.steps[index])
-            if complete:
-                finish()
+                    state["left"] -= 1
+                    ready = [d for d in step.dependents if _decrement(waiting, d) == 0]
+                    complete = state["left"] == 0
+                self._prefetch(step, values)
+                for index in ready:
+                    post(self.steps[index])
+                if complete:
+                    report(self._collect(values, wanted), None)
+            except Exception as exc:
+                report(None, exc)
 
         def post(step: _Step) -> None:
-            step.resource.post(lambda: run(step))
+            values.track(step.resource.submit(run, step))
 
-        def finish() -> None:
-            try:
-                result = self._collect(values, wanted)
-            except Exception as exc:
-                done(None, exc, values)
-                return
-            done(result, None, values)
-
-        starts = [step for step in self.steps if not step.depends_on]
         if not self.steps:
-            finish()
-        for step in starts:
-            post(step)
+            try:
+                report(self._collect(values, wanted), None)
+            except Exception as exc:
+                report(None, exc)
+        for step in self.steps:
+            if not step.depends_on:
+                post(step)
+
+
+def _owned(result: dict[str, Any], feeds: Sequence[Any]) -> dict[str, Any]:
+    """Make every output the caller's own: copy an array that is read-only (an initializer's
+    memory) or may share memory with an input (an Identity or Reshape view of it on a library that
+    makes views) or with an output before it; other arrays are returned as they are."""
+    seen = [f for f in feeds if isinstance(f, np.ndarray)]
+    for name, value in result.items():
+        if isinstance(value, np.generic):
+            value = np.asarray(value)
+        if isinstance(value, np.ndarray):
+            if not value.flags.writeable or any(np.may_share_memory(value, other) for other in seen):
+                value = value.copy()
+            seen.append(value)
+        result[name] = value
+    return result
 
 
 def _quietly(fetch: Callable[[str, Executor], Any], name: str, target: Executor) -> None:
@@ -282,7 +371,7 @@ Rebuild = Callable[[], tuple[Plan, list[CompiledPartition]]]
 
 
 class Requests(ABC):
-    """What a Session and a ReplicaPool share: `run_async` and `map` on top of `submit`."""
+    """What a Session and a ReplicaPool share: `run`, `run_async` and `map` on top of `submit`."""
 
     max_in_flight: int
 
@@ -291,7 +380,11 @@ class Requests(ABC):
                timeout: float | None = None) -> Future: ...
 
     @abstractmethod
-    def close(self, wait: bool = True) -> None: ...
+    def run(self, feeds: Feeds, output_names: Sequence[str] | None = None, *,
+            timeout: float | None = None) -> dict[str, np.ndarray]: ...
+
+    @abstractmethod
+    def close(self, wait: bool = True, timeout: float | None = None) -> None: ...
 
     def __enter__(self) -> Requests:
         return self
@@ -299,10 +392,20 @@ class Requests(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def run_async(self, feeds: Feeds,
-                        output_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-        """The asyncio twin of `run`: awaits a slot and the result without blocking the loop."""
-        future = await asyncio.to_thread(self.submit, feeds, output_names)
+    async def run_async(self, feeds: Feeds, output_names: Sequence[str] | None = None, *,
+                        timeout: float | None = None) -> dict[str, np.ndarray]:
+        """The asyncio twin of `run`: awaits a slot and the result without blocking the loop.
+        Cancelling the awaiting task (e.g. `asyncio.wait_for` timing out) cancels the request."""
+        try:
+            future = self.submit(feeds, output_names, block=False, timeout=timeout)
+        except QueueFullError:
+            waiting = asyncio.ensure_future(asyncio.to_thread(self.submit, feeds, output_names,
+                                                              timeout=timeout))
+            try:
+                future = await asyncio.shield(waiting)
+            except asyncio.CancelledError:
+                waiting.add_done_callback(_cancel_submitted)
+                raise
         return await asyncio.wrap_future(future)
 
     def map(self, requests: Iterable[Feeds], output_names: Sequence[str] | None = None, *,
@@ -333,25 +436,108 @@ class Requests(ABC):
                     yield future.result()
 
 
+def _cancel_submitted(waiting: asyncio.Future) -> None:
+    """The awaiting task was cancelled while its request waited for a slot: cancel the request."""
+    if not waiting.cancelled() and waiting.exception() is None:
+        waiting.result().cancel()
+
+
+def settle(future: Future, result: Any = None, error: BaseException | None = None) -> bool:
+    """Resolve `future` unless it is already done (cancelled, timed out, answered by another
+    attempt); True if this call resolved it."""
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except InvalidStateError:
+        return False
+    return True
+
+
+class _Call:
+    """One request submitted to a session: its future, its deadline, its current attempt."""
+
+    def __init__(self, session: Session, arrays: dict[str, Any], wanted: list[str], timeout: float | None,
+                 deadline: float | None):
+        self.session, self.arrays, self.wanted = session, arrays, wanted
+        self.timeout, self.deadline = timeout, deadline
+        self.started = time.perf_counter()
+        self.future: Future = Future()
+        self.values: _Values | None = None
+        self.program: _Program | None = None
+        self.replanning = False
+        self._timer: Timer | None = None
+        if deadline is not None:
+            self._timer = call_later(deadline - time.monotonic(), self.expire)
+        self.future.add_done_callback(self._closed)
+
+    def remaining(self) -> float | None:
+        return None if self.deadline is None else max(0.0, self.deadline - time.monotonic())
+
+    def attempt(self, program: _Program) -> _Values:
+        """Fresh values for an attempt on `program`; stopped at once if the call is already over."""
+        values = program.values(self.arrays, self.session._trace)
+        self.values, self.program = values, program
+        if self.future.done():
+            values.stop()
+        return values
+
+    def expire(self) -> None:
+        settle(self.future, error=DeadlineExceededError(
+            f"model {self.session.model.label!r}: no answer within {self.timeout:g} s ({self._where()})"))
+
+    def _where(self) -> str:
+        if self.replanning:
+            return "re-planning after a partition failed"
+        values, program = self.values, self.program
+        running = sorted(values.running) if values is not None else []
+        if program is None or not running:
+            return "waiting for its devices"
+        names = ", ".join(f"partition #{i} on {program.steps[i].executor.name}" for i in running)
+        return f"{names} still running"
+
+    def wait(self) -> dict[str, Any]:
+        try:
+            return self.future.result(self.remaining())
+        except FutureTimeout:
+            if self.future.done():
+                raise
+            self.expire()
+            return self.future.result()
+
+    def _closed(self, future: Future) -> None:
+        if future.cancelled():
+            future.set_running_or_notify_cancel()  # so concurrent.futures.wait counts it as done
+        if self._timer is not None:
+            self._timer.cancel()
+        if (future.cancelled() or future.exception() is not None) and self.values is not None:
+            self.values.stop()
+        self.session._slots.release()
+
 
 class Session(Requests):
     """A model compiled for this host's executors; build it with `hetero.compile`.
 
     If a library fails while running a partition it claimed it could run, the session records
-    the nodes at fault, re-plans them elsewhere and runs the request again; the new plan is
-    kept only if it succeeds, so a bad request cannot degrade the plan.
+    the nodes at fault in its own `Rejections` (run-time ones expire), re-plans them elsewhere
+    and runs the request again; the new plan is kept only if it succeeds, so a bad request cannot
+    degrade the plan. Once the rejections expire, the session re-plans with every executor again.
     """
 
     def __init__(self, plan: Plan, compiled: Sequence[CompiledPartition], rebuild: Rebuild | None = None,
-                 max_in_flight: int = 16):
+                 max_in_flight: int = 16, rejections: Rejections | None = None):
         self.model: Model = plan.model
         self.stats = RunStats()
         self.max_in_flight = max_in_flight
-        self._lock = threading.Lock()
+        self.rejections = rejections if rejections is not None else Rejections()
+        self._lock = threading.Lock()  # stats and the current program; held only briefly
+        self._replanning = threading.Lock()  # one fallback trial at a time; plain requests never wait on it
         self._slots = threading.BoundedSemaphore(max_in_flight)
         self._closed = False
         self._rebuild = rebuild
         self._program = _Program(plan, compiled)
+        self._restore_at: float | None = None
         self._trace: Trace | None = None
 
     @property
@@ -370,20 +556,23 @@ class Session(Requests):
     def outputs(self) -> tuple[TensorInfo, ...]:
         return self.model.outputs
 
-    def run(self, feeds: Feeds | Sequence[str] | None,
-            output_names: Feeds | Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    def run(self, feeds: Feeds | Sequence[str] | None, output_names: Feeds | Sequence[str] | None = None,
+            *, timeout: float | None = None) -> dict[str, np.ndarray]:
         """Run one request: `run(feeds)` or `run(feeds, output_names)` -> {output name: array}.
 
         ONNX Runtime's argument order `run(output_names, feeds)` is accepted too; either way the
-        result is a dict of host numpy arrays, all outputs when `output_names` is None.
+        result is a dict of host numpy arrays the caller owns, all outputs when `output_names` is
+        None. With `timeout` (seconds), raises `DeadlineExceededError` when no answer comes in
+        time (naming what was still running) and skips what is left of the request.
         """
         arrays, wanted = self._prepare(feeds, output_names)
         program = self._program
-        if program.parallel:
-            return self._submit(arrays, wanted, True, None).result()
+        if program.parallel or timeout is not None:
+            return self._submit(arrays, wanted, True, timeout).wait()
         start = time.perf_counter()
+        values = program.values(arrays, self._trace)
         try:
-            result, values = program.execute(arrays, wanted, self._trace)
+            result = program.execute(values, wanted)
         except _PartitionFailed as failed:
             result, values = self._fall_back(program, failed, arrays, wanted)
         self._count(values, start)
@@ -394,10 +583,12 @@ class Session(Requests):
         """Start a request; the Future gives what `run` returns. Bad feeds raise here, at once.
 
         Beyond `max_in_flight` requests in flight this waits for a slot, or raises
-        `QueueFullError` when `block` is False or `timeout` passes.
+        `QueueFullError` when `block` is False or no slot frees within `timeout` seconds. With
+        `timeout`, the Future fails with `DeadlineExceededError` if no answer comes within it
+        (slot wait included). `future.cancel()` frees the slot at once and skips what is left.
         """
         arrays, wanted = self._prepare(feeds, output_names)
-        return self._submit(arrays, wanted, block, timeout)
+        return self._submit(arrays, wanted, block, timeout).future
 
     @contextmanager
     def tracing(self) -> Iterator[Trace]:
@@ -408,13 +599,24 @@ class Session(Requests):
         finally:
             self._trace = None
 
-    def close(self, wait: bool = True) -> None:
-        """Refuse new requests; with `wait`, return once the requests in flight have finished."""
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Refuse new requests; with `wait`, return once the requests in flight have finished
+        (`DeadlineExceededError` if they have not within `timeout` seconds)."""
         self._closed = True
-        if wait:
+        if not wait:
+            return
+        deadline = None if timeout is None else time.monotonic() + timeout
+        taken = 0
+        try:
             for _ in range(self.max_in_flight):
-                self._slots.acquire()
-            for _ in range(self.max_in_flight):
+                left = None if deadline is None else max(0.0, deadline - time.monotonic())
+                if not self._slots.acquire(timeout=left):
+                    raise DeadlineExceededError(
+                        f"model {self.model.label!r}: {self.max_in_flight - taken} request(s) still in "
+                        f"flight {timeout:g} s after close")
+                taken += 1
+        finally:
+            for _ in range(taken):
                 self._slots.release()
 
     def _prepare(self, feeds: Any, output_names: Any) -> tuple[dict[str, Any], list[str]]:
@@ -425,39 +627,38 @@ class Session(Requests):
         if not isinstance(feeds, Mapping):
             raise InputError(f"model {self.model.label!r}: feeds must be a mapping of input name -> array, "
                              f"got {type(feeds).__name__}")
+        self._maybe_restore()
         return self.check_feeds(feeds), self.resolve_outputs(output_names)
 
-    def _submit(self, arrays: dict[str, Any], wanted: list[str], block: bool,
-                timeout: float | None) -> Future:
+    def _submit(self, arrays: dict[str, Any], wanted: list[str], block: bool, timeout: float | None) -> _Call:
+        deadline = None if timeout is None else time.monotonic() + timeout
         if not self._slots.acquire(block, timeout if block else None):
             raise QueueFullError(f"model {self.model.label!r}: {self.max_in_flight} requests already in "
                                  "flight; try again later")
-        future: Future = Future()
-        start = time.perf_counter()
+        call = _Call(self, arrays, wanted, timeout, deadline)
         program = self._program
+        values = call.attempt(program)
 
-        def done(result: dict | None, error: BaseException | None, values: _Values) -> None:
+        def done(result: dict | None, error: BaseException | None) -> None:
             if isinstance(error, _PartitionFailed):
-                threading.Thread(target=recover, args=(error,), daemon=True).start()
+                call.replanning = True
+                background(self._recover, call, program, error)
                 return
-            self._slots.release()
-            self._count(values, start)
-            if error is not None:
-                future.set_exception(error)
-            else:
-                future.set_result(result)
+            if error is None:
+                self._count(values, call.started)
+            settle(call.future, result, error)
 
-        def recover(failed: _PartitionFailed) -> None:
-            try:
-                result, values = self._fall_back(program, failed, arrays, wanted)
-            except BaseException as exc:
-                self._slots.release()
-                future.set_exception(exc)
-                return
-            done(result, None, values)
+        program.launch(values, wanted, done)
+        return call
 
-        program.launch(arrays, wanted, done, self._trace)
-        return future
+    def _recover(self, call: _Call, program: _Program, failed: _PartitionFailed) -> None:
+        try:
+            result, values = self._fall_back(program, failed, call.arrays, call.wanted, call)
+        except BaseException as exc:
+            settle(call.future, error=exc)
+            return
+        self._count(values, call.started)
+        settle(call.future, result)
 
     def _count(self, values: _Values, start: float) -> None:
         with self._lock:
@@ -467,33 +668,98 @@ class Session(Requests):
             self.stats.direct_transfers += values.direct_transfers
             self.stats.seconds += time.perf_counter() - start
 
-    def _fall_back(self, program: _Program, failed: _PartitionFailed, arrays: dict,
-                   wanted: list[str]) -> tuple[dict, _Values]:
-        step = failed.step
-        part = program.plan.partitions[step.index]
-        error = RunError(f"model {self.model.label!r}: partition #{step.index} on {step.executor.name} "
-                         f"failed: {failed.error}")
-        if self._rebuild is None:
-            raise error from failed.error
-        text = str(failed.error)
-        culprits = [n for n in part.nodes if f"'{n.name}'" in text] or list(part.nodes)
-        with self._lock:
-            if self._program is not program:  # another request already re-planned
-                return self._program.execute(arrays, wanted)
-            for node in culprits:
-                planner.reject(step.executor, self.model, node)
+    def _fall_back(self, program: _Program, failed: _PartitionFailed, arrays: dict, wanted: list[str],
+                   call: _Call | None = None) -> tuple[dict, _Values]:
+        """Answer a request whose partition failed: on a plan re-planned without the nodes at fault
+        (tried here, one trial at a time), or on the plan another request re-planned meanwhile."""
+        for _ in range(_MAX_FALLBACKS):
+            if self._rebuild is None:
+                raise self._run_error(failed) from failed.error
+            left = None if call is None else call.remaining()
+            if not self._replanning.acquire(timeout=-1 if left is None else left):
+                if call is not None:
+                    call.expire()
+                raise _Stopped
             try:
-                new_program = _Program(*self._rebuild())
-                result = new_program.execute(arrays, wanted)
-            except (HeteroError, _PartitionFailed):
-                for node in culprits:
-                    planner.forget(step.executor, self.model, node)
-                raise error from failed.error
-            new_program.plan.notes.append(
-                f"{step.executor.name} failed at run time on {len(culprits)} node(s) "
-                f"({', '.join(n.name for n in culprits[:3])}); re-planned them elsewhere")
+                if self._program is program:
+                    return self._trial(program, failed, arrays, wanted, call)
+                program = self._program
+            finally:
+                self._replanning.release()
+            try:
+                return self._execute(program, arrays, wanted, call)
+            except _PartitionFailed as again:
+                failed = again
+        raise self._run_error(failed) from failed.error
+
+    def _trial(self, program: _Program, failed: _PartitionFailed, arrays: dict, wanted: list[str],
+               call: _Call | None) -> tuple[dict, _Values]:
+        """Re-plan without the failing partition's culprits and answer on the new plan; keep it
+        only if that succeeds, else forget the culprits and return the original error."""
+        step = failed.step
+        text = str(failed.error)
+        part = program.plan.partitions[step.index]
+        culprits = [n for n in part.nodes if f"'{n.name}'" in text] or list(part.nodes)
+        reason = text.splitlines()[0] if text else type(failed.error).__name__
+        for node in culprits:
+            self.rejections.reject(step.executor, self.model, node, "run", reason)
+        try:
+            new_program = _Program(*self._rebuild())
+            result, values = self._execute(new_program, arrays, wanted, call)
+        except BaseException as exc:
+            for node in culprits:
+                self.rejections.forget(step.executor, self.model, node)
+            if isinstance(exc, (HeteroError, _PartitionFailed)):
+                raise self._run_error(failed) from failed.error
+            raise
+        new_program.plan.notes.append(
+            f"{step.executor.name} failed at run time on {len(culprits)} node(s) "
+            f"({', '.join(n.name for n in culprits[:3])}); re-planned them elsewhere")
+        with self._lock:
             self._program = new_program
-            return result
+            self._restore_at = self.rejections.next_expiry()
+        return result, values
+
+    def _execute(self, program: _Program, arrays: dict, wanted: list[str],
+                 call: _Call | None) -> tuple[dict, _Values]:
+        if call is None:
+            values = program.values(arrays, self._trace)
+        else:
+            values = call.attempt(program)
+            call.replanning = False
+        return program.execute(values, wanted), values
+
+    def _run_error(self, failed: _PartitionFailed) -> RunError:
+        return RunError(f"model {self.model.label!r}: partition #{failed.step.index} on "
+                        f"{failed.step.executor.name} failed: {failed.error}")
+
+    def _maybe_restore(self) -> None:
+        """Once the run-time rejections behind the current plan expire, re-plan in the background
+        with every executor again (if one still fails, the fallback answers and learns again)."""
+        due = self._restore_at
+        if due is None or self.rejections.clock() < due:
+            return
+        with self._lock:
+            if self._restore_at != due:
+                return
+            self._restore_at = None
+        background(self._restore)
+
+    def _restore(self) -> None:
+        if not self._replanning.acquire(timeout=0):
+            with self._lock:
+                self._restore_at = self.rejections.clock()  # a fallback is under way: try again later
+            return
+        try:
+            plan, compiled = self._rebuild()
+        except HeteroError:
+            return
+        finally:
+            self._replanning.release()
+        plan.notes.append("run-time failures expired; re-planned with every executor again")
+        with self._lock:
+            self._program = _Program(plan, compiled)
+            self._restore_at = self.rejections.next_expiry()
 
     def resolve_outputs(self, output_names: Sequence[str] | None) -> list[str]:
         return resolve_outputs(self.model, output_names)
@@ -566,20 +832,23 @@ def _initializer(model: Model, name: str) -> np.ndarray:
 def compile_plan(model: ModelSource, executors: Sequence[str | Executor] | str | None = None,
                  policy: str = "priority", *, affinity: Mapping[str, str | Executor] | None = None,
                  assignment: Mapping[str, str] | None = None, max_in_flight: int = 16,
-                 max_replans: int = 16) -> Session:
+                 max_replans: int = 16, rejections: Rejections | None = None) -> Session:
     """Plan (priority, manual, or a given assignment) and compile a model; returns a `Session`.
 
-    When a library rejects a partition at compile time, the nodes it rejects are recorded and the
-    model re-planned without them on that executor; the plan's notes say what happened.
+    When a library rejects a partition at compile time, the nodes it rejects are recorded in the
+    session's `rejections` and the model re-planned without them on that executor; the plan's
+    notes say what happened.
     """
     model = load(model)
+    rejections = rejections if rejections is not None else Rejections()
 
     def build() -> tuple[Plan, list[CompiledPartition]]:
         notes: list[str] = []
         for _ in range(max_replans):
-            the_plan = planner.plan(model, executors, policy, affinity=affinity, assignment=assignment)
+            the_plan = planner.plan(model, executors, policy, affinity=affinity, assignment=assignment,
+                                    rejections=rejections)
             try:
-                compiled = [compile_partition(model, part) for part in the_plan.partitions]
+                compiled = [compile_partition(model, part, rejections) for part in the_plan.partitions]
             except _Rejected as rejected:
                 notes.append(rejected.note)
                 continue
@@ -587,7 +856,7 @@ def compile_plan(model: ModelSource, executors: Sequence[str | Executor] | str |
             return the_plan, compiled
         raise CompileError(f"model {model.label!r}: gave up after {max_replans} re-plans; last: {notes[-1]}")
 
-    return Session(*build(), rebuild=build, max_in_flight=max_in_flight)
+    return Session(*build(), rebuild=build, max_in_flight=max_in_flight, rejections=rejections)
 
 
 class _Rejected(Exception):
@@ -595,7 +864,7 @@ class _Rejected(Exception):
         self.note = note
 
 
-def compile_partition(model: Model, part: planner.Partition) -> CompiledPartition:
+def compile_partition(model: Model, part: planner.Partition, rejections: Rejections) -> CompiledPartition:
     """Compile one partition; on rejection, record the culprit nodes and raise `_Rejected`."""
     executor = part.executor
     name = f"{model.proto.graph.name or 'model'}#{part.index}@{executor.name}"
@@ -604,7 +873,7 @@ def compile_partition(model: Model, part: planner.Partition) -> CompiledPartitio
     except CompileError as exc:
         culprits = [n for n in part.nodes if n.name in exc.nodes] or _find_culprits(model, part)
         for node in culprits:
-            planner.reject(executor, model, node)
+            rejections.reject(executor, model, node, "compile", str(exc).splitlines()[0] if str(exc) else "")
         names = ", ".join(n.name for n in culprits[:5]) + (" ..." if len(culprits) > 5 else "")
         raise _Rejected(f"{executor.name} rejected {len(culprits)} node(s) at compile time ({names}); "
                         "re-planned them elsewhere") from exc
