@@ -7,7 +7,7 @@ with one `ModelError` subclass whose message names the file and the node, tensor
 from __future__ import annotations
 
 import contextlib
-import heapq
+import graphlib
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
@@ -216,45 +216,22 @@ def _sort_nodes(graph: onnx.GraphProto, label: str) -> None:
                 f"model {label!r}: graph output {out.name!r} is not produced by any node, input or "
                 "initializer")
 
-    waiting = {i: {producers[n] for n in names} for i, names in enumerate(needs)}
-    dependents: dict[int, list[int]] = {}
-    for i, deps in waiting.items():
-        for d in deps:
-            dependents.setdefault(d, []).append(i)
-    ready = [i for i, deps in waiting.items() if not deps]
-    heapq.heapify(ready)
-    order: list[int] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for j in dependents.get(i, ()):
-            waiting[j].discard(i)
-            if not waiting[j]:
-                heapq.heappush(ready, j)
-    if len(order) < len(graph.node):
-        stuck = set(range(len(graph.node))) - set(order)
-        cycle = _find_cycle(stuck, waiting)
-        names = " -> ".join(repr(graph.node[i].name) for i in cycle)
-        raise GraphCycleError(f"model {label!r}: the graph has a cycle: {names}")
-    if order != list(range(len(graph.node))):
-        nodes = [graph.node[i] for i in order]
-        copies = [onnx.NodeProto() for _ in nodes]
-        for copy, node in zip(copies, nodes, strict=True):
-            copy.CopyFrom(node)
-        del graph.node[:]
-        graph.node.extend(copies)
-
-
-def _find_cycle(stuck: set[int], waiting: dict[int, set[int]]) -> list[int]:
-    """One cycle among nodes that could not be ordered, as a closed path in data-flow order."""
-    start = min(stuck)
-    path, seen = [start], {start: 0}
-    while True:
-        nxt = min(d for d in waiting[path[-1]] if d in stuck)
-        if nxt in seen:
-            return [*path[seen[nxt]:], nxt][::-1]
-        seen[nxt] = len(path)
-        path.append(nxt)
+    after = {i: sorted({producers[n] for n in names}) for i, names in enumerate(needs)}
+    if all(before < i for i, deps in after.items() for before in deps):
+        return  # already in order (as ONNX requires): keep it exactly
+    try:
+        order = list(graphlib.TopologicalSorter(after).static_order())
+    except graphlib.CycleError as exc:
+        cycle = exc.args[1][:-1]  # [a, b, ..., a]: each node feeds the next
+        start = cycle.index(min(cycle))
+        names = " -> ".join(repr(graph.node[i].name) for i in [*cycle[start:], *cycle[:start + 1]])
+        raise GraphCycleError(f"model {label!r}: the graph has a cycle: {names}") from None
+    nodes = [graph.node[i] for i in order]
+    copies = [onnx.NodeProto() for _ in nodes]
+    for copy, node in zip(copies, nodes, strict=True):
+        copy.CopyFrom(node)
+    del graph.node[:]
+    graph.node.extend(copies)
 
 
 def _infer_shapes(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
