@@ -30,7 +30,8 @@ from hetero.graph import example_feeds
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Hetero: one ONNX model, every device and vendor library on this host.")
-console = Console()
+# Piped or redirected, rich would cut tables at 80 columns: give them room unless COLUMNS says.
+console = Console(width=None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 200)
 
 ExecutorsOption = Annotated[str | None, typer.Option(
     "--executors", "-e", help="Executors in priority order, e.g. 'openvino,numpy' or 'torch@cuda:0'.")]
@@ -70,6 +71,12 @@ def _simulated_report() -> None:
     for executor in hetero.executors.available():
         if executor.library == "sim":
             console.print(f"[dim]{escape(executor.report())}[/]")
+
+
+def _positive(value: float, option: str) -> float:
+    if not value > 0:
+        raise typer.BadParameter(f"{option} must be more than 0 seconds, got {value:g}")
+    return value
 
 
 def _pairs(items: list[str] | None, what: str) -> dict[str, str]:
@@ -155,11 +162,13 @@ def devices(probe: Annotated[bool, typer.Option(
         _simulated_report()
 
 
-def _print_plan(plan: hetero.Plan) -> None:
+def _print_plan(plan: hetero.Plan, policy: str | None = None) -> None:
+    """The plan's tables, titled with the policy asked for (`throughput` keeps a `latency` plan)."""
     parts, transfers = plan.rows()
     timed = bool(plan.partition_estimates or plan.partition_measured)
     table = Table("#", "executor", "nodes", "ops", "after", *(("est ms", "measured ms") if timed else ()),
-                  title=f"plan for {plan.model.label} ({len(plan.model.nodes)} nodes, policy {plan.policy})")
+                  title=f"plan for {plan.model.label} ({len(plan.model.nodes)} nodes, "
+                  f"policy {policy or plan.policy})")
     for row in parts:
         table.add_row(*(row if timed else row[:5]))
     console.print(table)
@@ -205,7 +214,7 @@ def plan(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
                                      **_sampling(inputs, shape))
     except hetero.HeteroError as exc:
         _fail(exc)
-    _print_plan(chosen)
+    _print_plan(chosen, policy)
     if svg is not None:
         _draw(chosen, svg)
     if simulate is not None:
@@ -267,8 +276,12 @@ def run(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
         inputs: InputOption = None, shape: ShapeOption = None,
         executors: ExecutorsOption = None, policy: PolicyOption = "priority",
         affinity: AffinityOption = None, dim: DimOption = None,
-        repeat: Annotated[int, typer.Option(help="Timed runs after the first.")] = 10,
-        check: Annotated[bool, typer.Option(help="Compare outputs with ONNX Runtime.")] = False,
+        repeat: Annotated[int, typer.Option(min=0, help="Timed runs after the first.")] = 10,
+        check: Annotated[bool, typer.Option(
+            help="Compare outputs with ONNX Runtime; exit 1 if one differs beyond --tolerance.")] = False,
+        tolerance: Annotated[float, typer.Option(
+            min=0.0, help="--check: largest |hetero - onnxruntime| allowed, relative to 1 + |onnxruntime|.")]
+        = 1e-3,
         trace: Annotated[Path | None, typer.Option(
             help="Write a Chrome-trace/Perfetto timeline of partitions and transfers per device.")] = None,
         simulate: SimulateOption = None) -> None:
@@ -296,7 +309,8 @@ def run(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
                 times.append(time.perf_counter() - start)
     except hetero.HeteroError as exc:
         _fail(exc)
-    _print_plan(session.plan)
+    _print_plan(session.plan, policy)
+    _say_random(loaded, _pairs(inputs, "input"))
     table = Table("output", "dtype", "shape", "min", "max", "mean", "std", title="outputs")
     for name, value in outputs.items():
         array = np.asarray(value)
@@ -310,22 +324,23 @@ def run(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     console.print(timing)
     if timeline is not None:
         console.print(f"wrote {timeline.save(trace)} (open in ui.perfetto.dev or chrome://tracing)")
-    if check:
-        _check_against_onnxruntime(loaded, feeds, outputs)
     if simulate is not None:
         _simulated_report()
+    if check and not _check_against_onnxruntime(loaded, feeds, outputs, tolerance):
+        raise typer.Exit(1)
 
 
 OUT = Path("out")
 
 
 @app.command()
-def demo(frames: Annotated[int | None, typer.Option(help="Only the first N frames (default: all).")] = None,
+def demo(frames: Annotated[int | None, typer.Option(
+             min=1, help="Only the first N frames (default: all).")] = None,
          out: Annotated[Path, typer.Option(help="Folder for the annotated video and contact sheet.")] = OUT,
          video: Annotated[Path | None, typer.Option(help="Video file (default: samples/vtest.avi).")] = None,
          tour: Annotated[bool, typer.Option("--tour", help="The placement tour instead: NanoDet-g spread "
                                             "over every library, checked and timed.")] = False,
-         repeats: Annotated[int, typer.Option(help="Tour: timed runs per configuration.")] = 20,
+         repeats: Annotated[int, typer.Option(min=1, help="Tour: timed runs per configuration.")] = 20,
          simulate: SimulateOption = None) -> None:
     """Traffic camera: count pedestrians and vehicles in a video on every device at once."""
     _simulate(simulate)
@@ -376,6 +391,9 @@ def _traffic(video: Path | None, frames: int | None, out: Path) -> None:
                       style="bold")
     console.print(table)
     console.print(f"wrote {report.video} and {report.sheet}")
+    if not report.playable:
+        console.print(f"[yellow]this OpenCV has no H.264 encoder, so {report.video} is MPEG-4 Part 2, which "
+                      f"browsers do not play (VLC and ffplay do); for a browser: {report.convert}[/]")
 
 
 @app.command()
@@ -450,9 +468,11 @@ def cluster(address: Annotated[str, typer.Argument(
 @app.command()
 def bench(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
           executors: ExecutorsOption = None, policy: PolicyOption = "priority",
-          batch: Annotated[int | None, typer.Option(help="Value of a symbolic batch dimension.")] = None,
-          duration: Annotated[float, typer.Option(help="Seconds per measurement.")] = 10.0,
-          concurrency: Annotated[int, typer.Option(help="Clients sending requests at once.")] = 1,
+          batch: Annotated[int | None, typer.Option(
+              min=1, help="Value of a symbolic batch dimension.")] = None,
+          duration: Annotated[float, typer.Option(callback=lambda v: _positive(v, "--duration"),
+                                                  help="Seconds per measurement.")] = 10.0,
+          concurrency: Annotated[int, typer.Option(min=1, help="Clients sending requests at once.")] = 1,
           compare: Annotated[bool, typer.Option(
               help="Also run the native baselines in this process: OpenVINO THROUGHPUT hint, ONNX Runtime "
               "sessions, torch.")] = False, simulate: SimulateOption = None,
@@ -486,6 +506,7 @@ def bench(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
         table.add_row(result.name, f"{result.rate * rows:.1f}", *(f"{result.percentile_ms(q):.2f}" for q in
                       (50, 90, 99)), busy, f"{results[0].rate / result.rate:.2f}" if result.rate else "-")
     console.print(table)
+    _say_random(loaded, _pairs(inputs, "input"))
     runner.close()
     if simulate is not None:
         _simulated_report()
@@ -500,7 +521,7 @@ def capacity(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
              cpu_streams: Annotated[int | None, typer.Option(
                  help="CPU-stream replicas beside the cards (default: none with a devices file, else one "
                  "per core).")] = None,
-             servers: Annotated[int, typer.Option(help="Servers like this one behind a router.")] = 1,
+             servers: Annotated[int, typer.Option(min=1, help="Servers like this one behind a router.")] = 1,
              ) -> None:
     """Predict the throughput and latency of a mix of cards and CPU streams (and of N such servers)
     from one profile per kind of replica, and name the bottleneck: a device, a link or the host CPU."""
@@ -573,28 +594,61 @@ def _feeds(model: hetero.Model, files: dict[str, str], dims: dict[str, str],
     return feeds
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _read_inputs(files: dict[str, str]) -> dict[str, np.ndarray]:
+    """Arrays from .npy files (numpy.save's format, one array each), named by input."""
     feeds = {}
     for name, file in files.items():
+        expected = f"a .npy file (numpy.save's format, one array; write it with numpy.save({file!r}, array))"
         try:
-            feeds[name] = np.load(file, allow_pickle=False)
+            with open(file, "rb") as handle:
+                if handle.read(len(_NPY_MAGIC)) != _NPY_MAGIC:
+                    raise hetero.InputError(f"input {name!r}: {file!r} is not {expected}")
+                handle.seek(0)
+                feeds[name] = np.load(handle, allow_pickle=False)
+        except FileNotFoundError:
+            raise hetero.InputError(f"input {name!r}: {file!r} does not exist") from None
         except (OSError, ValueError) as exc:
-            raise hetero.InputError(f"input {name!r}: cannot read {file!r} as a .npy array: {exc}") from exc
+            raise hetero.InputError(f"input {name!r}: cannot read {file!r} as {expected}: {exc}") from exc
     return feeds
 
 
-def _check_against_onnxruntime(model: hetero.Model, feeds: dict, outputs: dict) -> None:
+def _say_random(model: hetero.Model, files: dict[str, str]) -> None:
+    """Say which inputs were made up, so nobody mistakes the outputs for an answer on real data."""
+    made_up = [i for i in model.inputs if i.name not in files]
+    if made_up:
+        console.print(f"[yellow]inputs: random values for {', '.join(escape(i.name) for i in made_up)} "
+                      "(seeded); give real ones with --input NAME=file.npy[/]")
+
+
+def _check_against_onnxruntime(model: hetero.Model, feeds: dict, outputs: dict, tolerance: float) -> bool:
+    """Print each output's largest difference from ONNX Runtime; False if one exceeds `tolerance`
+    (times 1 + |onnxruntime|, so it is absolute near zero and relative for large values)."""
     try:
         import onnxruntime as ort
     except ImportError:
-        console.print("[yellow]--check needs onnxruntime: pip install 'hetero[onnxruntime]'[/]")
-        return
+        console.print("[red]--check needs onnxruntime: pip install 'hetero[onnxruntime]'[/]")
+        return False
     reference = ort.InferenceSession(model.proto.SerializeToString(), providers=["CPUExecutionProvider"])
     expected = dict(zip(model.output_names, reference.run(None, feeds), strict=True))
+    passed = True
     for name, value in outputs.items():
-        gap = np.abs(np.asarray(value, np.float64) - expected[name])
-        diff = float(gap.max()) if gap.size else 0.0
-        console.print(f"check {name}: max |hetero - onnxruntime| = {diff:.3g}")
+        got, want = np.asarray(value), np.asarray(expected[name])
+        if got.shape != want.shape or want.dtype.kind not in "fc":
+            same = got.shape == want.shape and bool(np.array_equal(got, want))
+            console.print(f"check {escape(name)}: {'equal' if same else '[red]differs[/]'} "
+                          f"(shape {list(got.shape)}, {want.dtype})")
+            passed &= same
+            continue
+        gap = np.abs(got.astype(np.float64) - want)
+        diff = float(np.nanmax(gap)) if gap.size else 0.0
+        within = bool(np.all((gap <= tolerance * (1 + np.abs(want))) | (np.isnan(got) & np.isnan(want))))
+        verdict = "" if within else f" [red]> tolerance {tolerance:g}[/]"
+        console.print(f"check {escape(name)}: max |hetero - onnxruntime| = {diff:.3g}{verdict}")
+        passed &= within
+    return passed
 
 
 def main() -> None:

@@ -1,12 +1,18 @@
 """The `hetero` command line, driven through typer's runner."""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import onnx
 import pytest
 from typer.testing import CliRunner
 
+import hetero
 from hetero.cli import app
 from hetero.zoo import small_cnn
 
@@ -70,3 +76,79 @@ def test_errors_exit_with_a_message(tmp_path):
     assert code == 2 and "does not exist" in output
     code, output = _invoke("plan", tmp_path / "missing.onnx", "-e", "quantum")
     assert code == 2
+
+
+def test_an_affinity_rule_that_matches_no_node_is_an_error_naming_it(model_file):
+    code, output = _invoke("plan", model_file, "-p", "manual", "-a", "head/*=numpy")
+    assert code == 2 and "affinity rule 'head/*' matches no node" in output, output
+
+
+@pytest.mark.parametrize(("option", "value", "words"), [
+    ("--duration", "0", "--duration must be more than 0 seconds"),
+    ("--duration", "-1", "--duration must be more than 0 seconds"),
+    ("--concurrency", "0", "'--concurrency': Input should be greater than or equal to 1"),
+    ("--batch", "0", "'--batch': Input should be greater than or equal to 1"),
+])
+def test_bench_refuses_impossible_values(model_file, option, value, words):
+    code, output = _invoke("bench", model_file, option, value)
+    assert code == 2 and words in " ".join(output.split()), output
+
+
+def test_an_input_file_that_is_not_npy_is_named_with_the_format_expected(model_file, tmp_path):
+    text = tmp_path / "images.txt"
+    text.write_text("1 2 3")
+    code, output = _invoke("run", model_file, "--input", f"images={text}")
+    assert code == 2, output
+    flat = " ".join(output.split())
+    assert f"input 'images': '{text}' is not a .npy file (numpy.save's format" in flat, output
+    code, output = _invoke("run", model_file, "--input", f"images={tmp_path / 'none.npy'}")
+    assert code == 2 and "does not exist" in output
+
+
+def test_run_says_when_it_made_up_the_inputs(model_file, tmp_path):
+    code, output = _invoke("run", model_file, "-e", "numpy", "--repeat", "0")
+    assert code == 0 and "inputs: random values for images" in output, output
+    images = tmp_path / "images.npy"
+    np.save(images, np.zeros((1, 3, 32, 32), np.float32))
+    code, output = _invoke("run", model_file, "-e", "numpy", "--repeat", "0", "--input", f"images={images}")
+    assert code == 0 and "random values" not in output, output
+
+
+def test_check_fails_past_the_tolerance(model_file, monkeypatch):
+    code, output = _invoke("run", model_file, "-e", "numpy", "--repeat", "0", "--check")
+    assert code == 0 and "max |hetero - onnxruntime|" in output, output
+    real_run = hetero.Session.run
+    monkeypatch.setattr(hetero.Session, "run", lambda self, feeds, *a, **k: {
+        name: value + 0.01 for name, value in real_run(self, feeds, *a, **k).items()})
+    code, output = _invoke("run", model_file, "-e", "numpy", "--repeat", "0", "--check")
+    assert code == 1 and "> tolerance 0.001" in output, output
+    code, output = _invoke("run", model_file, "-e", "numpy", "--repeat", "0", "--check", "--tolerance", "0.1")
+    assert code == 0, output
+
+
+def test_tables_are_not_cut_when_piped():
+    """Through a pipe (no COLUMNS), rich would cut tables at 80 columns; the CLI gives them room."""
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-m", "hetero.cli", "devices"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "…" not in result.stdout and max(len(line) for line in result.stdout.splitlines()) > 80
+
+
+@pytest.mark.slow
+def test_plan_with_the_throughput_policy_is_titled_with_it(model_file):
+    code, output = _invoke("plan", model_file, "-e", "onnxruntime,numpy", "-p", "throughput")
+    assert code == 0 and "policy throughput" in output, output
+
+
+@pytest.mark.slow
+def test_the_readme_snippet_runs_as_written():
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    snippet = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    cwd = os.getcwd()
+    os.chdir(Path(__file__).parents[1])  # the snippet names models/ relative to the repository
+    try:
+        exec(compile(snippet, "README.md", "exec"), {})
+    finally:
+        os.chdir(cwd)

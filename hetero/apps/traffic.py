@@ -8,9 +8,11 @@ out in frame order.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,6 +57,16 @@ class TrafficReport:
     plan: hetero.Plan
     video: Path
     sheet: Path
+    codec: str = "avc1"  # H.264, which browsers play; "mp4v" (MPEG-4 Part 2) where OpenCV has no H.264
+
+    @property
+    def playable(self) -> bool:
+        """Whether a browser plays the video as written (H.264); if not, `convert` says how."""
+        return self.codec == "avc1"
+
+    @property
+    def convert(self) -> str:
+        return f"ffmpeg -i {self.video} -c:v libx264 -pix_fmt yuv420p {self.video.with_suffix('')}-h264.mp4"
 
 
 def category(label: str) -> str:
@@ -129,9 +141,7 @@ def run(video: Path = VIDEO, frames: int | None = None, out_dir: Path = Path("ou
     pool = pool or hetero.ReplicaPool.build(detector_model(height, width))
     out_dir.mkdir(parents=True, exist_ok=True)
     video_path, sheet_path = out_dir / "traffic.mp4", out_dir / "traffic_contact_sheet.png"
-    writer = cv2.VideoWriter(str(video_path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-    if not writer.isOpened():
-        raise hetero.HeteroError(f"OpenCV cannot write {str(video_path)!r} (mp4v codec)")
+    writer, codec = video_writer(video_path, fps, (width, height))
     on_sheet = set(np.linspace(0, total - 1, min(SHEET_FRAMES, total)).round().astype(int).tolist())
     pending: deque[np.ndarray] = deque()
 
@@ -160,5 +170,28 @@ def run(video: Path = VIDEO, frames: int | None = None, out_dir: Path = Path("ou
     cv2.imwrite(str(sheet_path), contact_sheet(sheet))
     replicas = [ReplicaStats(r.name, r.served - served, r.busy_seconds - busy)
                 for r, (served, busy) in zip(pool.replicas, before, strict=True)]
-    return TrafficReport(counts, seconds, replicas, pool.plan, video_path, sheet_path)
+    return TrafficReport(counts, seconds, replicas, pool.plan, video_path, sheet_path, codec)
+
+
+def video_writer(path: Path, fps: float, size: tuple[int, int]) -> tuple[cv2.VideoWriter, str]:
+    """An MP4 writer: H.264 ('avc1') where this OpenCV build can encode it (browsers play it),
+    else MPEG-4 Part 2 ('mp4v', which every OpenCV wheel writes but browsers do not play)."""
+    for codec in ("avc1", "mp4v"):
+        with _quiet_stderr():  # FFmpeg says on stderr why it has no H.264 encoder
+            writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*codec), fps, size)
+        if writer.isOpened():
+            return writer, codec
+    raise hetero.HeteroError(f"OpenCV cannot write {str(path)!r} (neither avc1 nor mp4v codec)")
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 

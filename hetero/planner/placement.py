@@ -108,9 +108,10 @@ class Capability:
 
     def reason(self, executor: Executor, node: Node) -> str:
         """Why `executor` does not run `node` (for errors)."""
-        with _rejected_lock:
-            if (executor.name, self.model.signature(node)) in _rejected:
-                return "rejected it when compiling"
+        refused = self.rejections.refuses(executor, self.model, node) if self.rejections is not None else None
+        if refused is not None:
+            how = "rejected it when compiling" if refused.cause == "compile" else "failed on it while running"
+            return f"{how}: {refused.reason}" if refused.reason else how
         return executor.decline(node, self.model) or "declined"
 
 

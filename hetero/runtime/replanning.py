@@ -89,8 +89,9 @@ class Replanning(Requests):
             start.start()
         return future
 
-    def run(self, feeds: Feeds, output_names: Sequence[str] | None = None) -> dict[str, Any]:
-        return self.submit(feeds, output_names).result()
+    def run(self, feeds: Feeds, output_names: Sequence[str] | None = None, *,
+            timeout: float | None = None) -> dict[str, Any]:
+        return self.submit(feeds, output_names, timeout=timeout).result()
 
     def _build(self) -> None:
         self.status = "planning"
@@ -116,13 +117,13 @@ class Replanning(Requests):
             return not thread.is_alive()
         return False
 
-    def close(self, wait: bool = True) -> None:
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
         with self._lock:
             self._closed = True
             thread = self._thread
         if thread is not None and wait:
-            thread.join(self._timeout_s)
-        self.runner.close(wait=wait)
+            thread.join(self._timeout_s if timeout is None else timeout)
+        self.runner.close(wait=wait, timeout=timeout)
 
 
 def measured_replicas(policy: str, samples: list[Feeds]) -> Callable[[Model, list[Executor]], Session]:

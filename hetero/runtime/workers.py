@@ -67,7 +67,7 @@ def busy_snapshot() -> dict[str, float]:
         return {name: r.busy_seconds for name, r in _resources.items()}
 
 
-_background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hetero-replan")
+_background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="hetero-fallback")
 
 
 def background(fn: Callable[..., Any], *args: Any) -> Future:
