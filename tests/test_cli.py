@@ -152,3 +152,26 @@ def test_the_readme_snippet_runs_as_written():
         exec(compile(snippet, "README.md", "exec"), {})
     finally:
         os.chdir(cwd)
+
+
+def test_measured_policies_plan_on_the_shape_or_inputs_given(tmp_path, monkeypatch):
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    monkeypatch.setenv("HETERO_CACHE_DIR", str(tmp_path / "cache"))
+    rows = helper.make_tensor("rows", TensorProto.INT64, [2], [-1, 300])  # needs a multiple of 300
+    graph = helper.make_graph([helper.make_node("Reshape", ["x", "rows"], ["y"])], "reshape",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["r", 300])], [rows])
+    path = tmp_path / "reshape.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    code, output = _invoke("plan", path, "-e", "onnxruntime,numpy", "-p", "latency", "--shape", "x=1x600")
+    assert code == 0, output
+    assert "placements considered" in output and "priority plan" not in output
+    np.save(tmp_path / "x.npy", np.ones((1, 900), np.float32))
+    code, output = _invoke("run", path, "-e", "onnxruntime,numpy", "-p", "latency", "--input",
+                           f"x={tmp_path / 'x.npy'}", "--repeat", "1")
+    assert code == 0, output
+    assert "[3, 300]" in output
+    code, output = _invoke("plan", path, "-p", "latency", "--shape", "x=1xtwo")
+    assert code != 0 and "dims must be integers" in output
