@@ -283,3 +283,20 @@ def test_reduced_precision_error_is_reported_per_output_over_every_sample():
     assert errors == {"exact": 0.0, "rough": pytest.approx(0.5), "labels": 0.0}
     reference[1]["labels"] = np.array([1, 3])  # integer outputs must match exactly
     assert _relative_errors(Halving(), samples, reference)["labels"] == float("inf")
+
+
+def test_probe_yeses_are_kept_for_the_next_process_and_noes_asked_again():
+    from hetero.executors import base
+
+    asked = []
+
+    def probe(answer):
+        return lambda: asked.append(answer) or answer
+
+    first = base.ProbeAnswers("library=1.0")
+    assert first.ask("sig-yes", probe(True)) and not first.ask("sig-no", probe(False))
+    later = base.ProbeAnswers("library=1.0")  # as a new process would hold: nothing in memory
+    assert later.ask("sig-yes", probe(True)) and not later.ask("sig-no", probe(False))
+    assert asked == [True, False, False]
+    upgraded = base.ProbeAnswers("library=2.0")
+    assert upgraded.ask("sig-yes", probe(True)) and asked[-1] is True and len(asked) == 4

@@ -181,8 +181,9 @@ class Executor(ABC):
 class ProbeAnswers:
     """A library's answers to "can you run this node?", by node signature: asking it means
     compiling the node alone, which is slow, and the answer holds for every instance. With a
-    `namespace` (the library and its version) answers are also kept on disk, so a new process
-    asks the library only what no earlier one asked."""
+    `namespace` (the library and its version) the yeses are also kept on disk, so a new process
+    asks the library only what no earlier one could run; a no (perhaps a passing failure) is
+    asked again by the next process."""
 
     def __init__(self, namespace: str = "") -> None:
         self.namespace = namespace
@@ -194,16 +195,14 @@ class ProbeAnswers:
         with self._lock:
             if key in self._answers:
                 return self._answers[key]
-        stored = _stored_answers.get(f"{self.namespace}|{key}") if self.namespace else None
-        if stored is not None:
-            ok = bool(stored)
-        else:
+        ok = bool(self.namespace) and _stored_answers.get(f"{self.namespace}|{key}") is True
+        if not ok:
             try:
                 ok = bool(probe())
             except Exception:
                 ok = False
-            if self.namespace:
-                _stored_answers.put(f"{self.namespace}|{key}", ok)
+            if ok and self.namespace:
+                _stored_answers.put(f"{self.namespace}|{key}", True)
         with self._lock:
             self._answers[key] = ok
         return ok
