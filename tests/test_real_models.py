@@ -300,3 +300,27 @@ def test_probe_yeses_are_kept_for_the_next_process_and_noes_asked_again():
     assert asked == [True, False, False]
     upgraded = base.ProbeAnswers("library=2.0")
     assert upgraded.ask("sig-yes", probe(True)) and asked[-1] is True and len(asked) == 4
+
+
+def test_closing_does_not_wait_for_a_planning_under_way():
+    import threading
+
+    from hetero.runtime.replanning import Replanning
+
+    model = hetero.load(_dynamic_detector())
+    release = threading.Event()
+    built = []
+
+    def replan(samples):
+        release.wait(30)
+        built.append(hetero.compile(model, ["numpy"]))
+        return built[-1]
+
+    runner = Replanning(hetero.compile(model, ["numpy"]), replan)
+    runner.run({"images": np.ones((1, 3, 8, 8), np.float32)})
+    runner.close()  # returns while the planning waits: nothing to hang on
+    release.set()
+    assert runner.wait_planned(timeout=30)
+    assert runner.status == "closed before planning finished" and len(built) == 1  # never swapped in
+    with pytest.raises(hetero.HeteroError):
+        built[0].run({"images": np.ones((1, 3, 8, 8), np.float32)})

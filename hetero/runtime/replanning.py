@@ -32,16 +32,15 @@ class Replanning(Requests):
     """Requests go to `first` until `replan(samples)` built a runner from the first `samples`
     requests (copies of their feeds); that runner then takes every new request.
 
-    `status` says where it stands: "planning on first requests", "planning", "measured" or
-    "kept priority plan: <error>" (a failed re-plan leaves the first runner serving).
+    `status` says where it stands: "planning on first requests", "planning", "measured",
+    "kept priority plan: <error>" (a failed re-plan leaves the first runner serving) or "closed
+    before planning finished".
     """
 
-    def __init__(self, first: Runner, replan: Callable[[list[Feeds]], Runner], *, samples: int = 1,
-                 timeout_s: float = 600.0):
+    def __init__(self, first: Runner, replan: Callable[[list[Feeds]], Runner], *, samples: int = 1):
         self._current = first
         self._replan = replan
         self._wanted = max(1, samples)
-        self._timeout_s = timeout_s
         self._samples: list[Feeds] = []
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
@@ -104,6 +103,7 @@ class Replanning(Requests):
         with self._lock:
             if self._closed:
                 old = measured
+                self.status = "closed before planning finished"
             else:
                 old, self._current = self._current, measured
                 self.status = "measured"
@@ -118,11 +118,11 @@ class Replanning(Requests):
         return False
 
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Close the current runner (`wait`: after its requests in flight, for at most `timeout`
+        seconds). A planning still under way is not waited for: the runner it builds is closed as
+        soon as it is done."""
         with self._lock:
             self._closed = True
-            thread = self._thread
-        if thread is not None and wait:
-            thread.join(self._timeout_s if timeout is None else timeout)
         self.runner.close(wait=wait, timeout=timeout)
 
 
