@@ -195,6 +195,7 @@ class CostModel:
         self._shapes = dict(shapes or {})
         self._capture = values
         self._profile = None if profile is None else set(profile)
+        self._switches: dict[tuple[str, str], float] = {}
         self._values: Mapping[str, Any] | None = None
 
     def profile_of(self, executor: Executor) -> ExecutorProfile:
@@ -232,6 +233,12 @@ class CostModel:
             return 0.0
         if source.name not in self._keys or target.name not in self._keys:
             return 0.0
+        pair = (source.name, target.name)
+        if pair not in self._switches:  # the search asks for every node: look up once per pair
+            self._switches[pair] = self._switch_ms(source, target)
+        return self._switches[pair]
+
+    def _switch_ms(self, source: Executor, target: Executor) -> float:
         key = _switch_key(self._keys[source.name], self._keys[target.name])
         cached = _costs.get(key)
         if cached is None and self._profile is not None and not {source.name, target.name} <= self._profile:
