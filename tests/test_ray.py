@@ -169,6 +169,26 @@ def test_a_node_joins_under_load_then_dies_and_no_request_is_lost(ray_cluster, c
 
 
 @pytest.mark.slow
+def test_a_worker_that_dies_under_load_is_replaced_and_no_request_is_lost(cluster, model, reference,
+                                                                        monkeypatch) -> None:
+    monkeypatch.setattr(hetero.ray.cluster, "RETRY_S", 1.0)  # a new worker after 1 s, not 10
+    with cluster.deploy(model, _paced) as pool:
+        fast = min(pool.figures(), key=lambda r: r["seconds_per_request"])
+        [node_id] = {lane.session.node.info.id for lane in pool.replicas if lane.name == fast["replica"]}
+        first = pool.on_node(node_id)
+        load = Load(pool, model)
+        _wait_for(lambda: sum(lane.served for lane in first) >= 5, 60, "the fast node to serve")
+        ray.kill(first[0].session.node.worker)  # the worker process dies; its node lives on
+        _wait_for(lambda: len(pool.on_node(node_id)) > len(first), 120, "a new worker's replica")
+        _wait_for(lambda: any(lane.served for lane in pool.on_node(node_id)[len(first):]), 60,
+                  "the new worker to serve")
+        answered = load.stop()
+    for feeds, got in answered:
+        _close(got, reference.run(feeds))
+    assert not any(lane.live for lane in first)
+
+
+@pytest.mark.slow
 def test_ray_drain_node_finishes_its_requests_then_sends_no_more(ray_cluster, cluster, model,
                                                                 reference) -> None:
     with cluster.deploy(model, _paced) as pool:

@@ -35,7 +35,7 @@ from hetero.runtime.session import Feeds, check_feeds, resolve_outputs
 log = logging.getLogger("hetero.ray")
 
 ACTIVE, STARTING, DRAINING, LOST = "active", "starting", "draining", "lost"
-RETRY_S = 30.0  # a node whose worker could not start is tried again after this
+RETRY_S = 10.0  # a node whose worker died or could not start gets a new one after this
 ReplicaSpec = Sequence[Sequence[str | Executor]]
 
 
@@ -91,7 +91,7 @@ class RemoteReplica:
             return ray.get(ref, timeout=self.timeout_s)
         except RayActorError as exc:
             if self.node.state != DRAINING:
-                self.node.state = LOST
+                self.node.state, self.node.retry_at = LOST, time.monotonic() + RETRY_S
             raise ReplicaLostError(f"{where}: the node or its worker is gone ({type(exc).__name__})") \
                 from None
         except GetTimeoutError:
@@ -234,12 +234,14 @@ class Cluster:
         with self._lock:
             return [n.info for n in self._nodes.values() if n.state == state]
 
-    def describe(self, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-        """Every node known: its state, facts (devices, executors, cores) or error, and the
-        replicas each pool has on it with their requests served and seconds per request."""
+    def describe(self, devices: bool = True, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+        """Every node known: its state, facts (with `devices`, its devices and executors: the first
+        time, every library is imported there) or error, and the replicas each pool has on it with
+        their requests served and seconds per request."""
         with self._lock:
             nodes, pools = list(self._nodes.values()), list(self._pools)
-        unknown = [n for n in nodes if n.state in (ACTIVE, DRAINING) and "executors" not in n.facts]
+        unknown = [n for n in nodes if n.state in (ACTIVE, DRAINING) and "executors" not in n.facts] \
+            if devices else []
         for node, facts in _gather([(n, n.worker.describe.remote()) for n in unknown], timeout_s):
             if not isinstance(facts, Exception):
                 node.facts = facts

@@ -80,7 +80,7 @@ class ClusterMetrics(Collector):
         yield from (served, failed, busy, speed, running, queued)
         nodes = GaugeMetricFamily("hetero_node_up", "1 for each node serving, 0 for one draining or lost.",
                                   labels=["node", "address", "state"])
-        for node in self.cluster.describe(timeout_s=2.0):
+        for node in self.cluster.describe(devices=False):
             nodes.add_metric([node["node"], node["address"], node["state"]], float(node["state"] == "active"))
         yield nodes
         devices = CounterMetricFamily("hetero_node_device_busy_seconds", "Seconds each compute resource "
