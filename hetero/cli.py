@@ -73,9 +73,9 @@ def _simulated_report() -> None:
             console.print(f"[dim]{escape(executor.report())}[/]")
 
 
-def _positive(value: float, option: str) -> float:
+def _positive(value: float) -> float:
     if not value > 0:
-        raise typer.BadParameter(f"{option} must be more than 0 seconds, got {value:g}")
+        raise typer.BadParameter(f"must be more than 0 seconds, got {value:g}")
     return value
 
 
@@ -470,7 +470,7 @@ def bench(model: Annotated[Path, typer.Argument(help="ONNX model file.")],
           executors: ExecutorsOption = None, policy: PolicyOption = "priority",
           batch: Annotated[int | None, typer.Option(
               min=1, help="Value of a symbolic batch dimension.")] = None,
-          duration: Annotated[float, typer.Option(callback=lambda v: _positive(v, "--duration"),
+          duration: Annotated[float, typer.Option(callback=_positive,
                                                   help="Seconds per measurement.")] = 10.0,
           concurrency: Annotated[int, typer.Option(min=1, help="Clients sending requests at once.")] = 1,
           compare: Annotated[bool, typer.Option(
@@ -610,6 +610,8 @@ def _read_inputs(files: dict[str, str]) -> dict[str, np.ndarray]:
                 feeds[name] = np.load(handle, allow_pickle=False)
         except FileNotFoundError:
             raise hetero.InputError(f"input {name!r}: {file!r} does not exist") from None
+        except hetero.InputError:
+            raise
         except (OSError, ValueError) as exc:
             raise hetero.InputError(f"input {name!r}: cannot read {file!r} as {expected}: {exc}") from exc
     return feeds

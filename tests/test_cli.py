@@ -84,8 +84,8 @@ def test_an_affinity_rule_that_matches_no_node_is_an_error_naming_it(model_file)
 
 
 @pytest.mark.parametrize(("option", "value", "words"), [
-    ("--duration", "0", "--duration must be more than 0 seconds"),
-    ("--duration", "-1", "--duration must be more than 0 seconds"),
+    ("--duration", "0", "'--duration': must be more than 0 seconds, got 0"),
+    ("--duration", "-1", "'--duration': must be more than 0 seconds, got -1"),
     ("--concurrency", "0", "'--concurrency': Input should be greater than or equal to 1"),
     ("--batch", "0", "'--batch': Input should be greater than or equal to 1"),
 ])
