@@ -202,7 +202,7 @@ def test_ray_drain_node_finishes_its_requests_then_sends_no_more(ray_cluster, cl
                         "--reason-message", "maintenance", "--deadline-remaining-seconds", "60"],
                        check=True, capture_output=True, timeout=120)
         _wait_for(lambda: not any(lane.live for lane in leaving), 30, "Hetero to see the drain")
-        _wait_for(lambda: all(lane.running_since is None for lane in leaving), 30, "its last requests")
+        assert all(pool.wait_idle(lane, 30) for lane in leaving)
         served = sum(lane.served for lane in leaving)
         time.sleep(0.5)
         answered = load.stop()

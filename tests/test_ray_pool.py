@@ -99,7 +99,7 @@ def test_retire_finishes_the_running_request_then_sends_no_more(reference) -> No
     staying.gate.set()
     _check([f.result(timeout=30) for f in futures], requests, reference)
     assert leaving.calls == 1 and pool.replicas[0].served == 1 and pool.replicas[0].failed == 0
-    assert not pool.replicas[0].live and pool.replicas[0].running_since is None  # done, and out
+    assert pool.wait_idle(pool.replicas[0], 10) and not pool.replicas[0].live  # done, and out
     pool.close()
 
 

@@ -310,8 +310,8 @@ class Cluster:
         for pool, replica in replicas:
             pool.retire(replica)
         deadline = time.monotonic() + self.drain_timeout_s
-        while any(r.running_since is not None for _, r in replicas) and time.monotonic() < deadline:
-            time.sleep(0.05)  # the requests it runs finish there
+        for pool, replica in replicas:
+            pool.wait_idle(replica, max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(Exception):
             ray.kill(node.worker)
         log.info("node drained", extra={"fields": {"node": node.info.name}})

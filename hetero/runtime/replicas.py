@@ -181,6 +181,11 @@ class ReplicaPool(Requests):
         if replica.lane is not None:
             replica.lane.shutdown(wait=False)
 
+    def wait_idle(self, replica: Replica, timeout: float | None = None) -> bool:
+        """Wait until `replica` runs no request (a retired one has finished its last); True if so."""
+        with self._cond:
+            return self._cond.wait_for(lambda: replica.running_since is None, timeout)
+
     @property
     def live(self) -> int:
         """Replicas taking requests."""
