@@ -178,3 +178,10 @@ def test_outputs_are_the_callers_own(library):
     again = session.run({"x": x})
     for name, value in expected.items():
         np.testing.assert_allclose(again[name], value, rtol=1e-6, err_msg=name)
+
+
+def test_a_node_no_executor_can_compile_names_the_refusal():
+    stub = StubExecutor(3, compile_fail_ops={"Sigmoid"})
+    with pytest.raises(hetero.PlanError, match=r"no executor can run node .*stub@stub:3: rejected it when "
+                                                r"compiling: stub cannot compile"):
+        hetero.compile(detector_head(), [stub])

@@ -156,3 +156,14 @@ def test_demo_writes_video_and_contact_sheet(tmp_path: Path):
     assert int(video.get(cv2.CAP_PROP_FRAME_COUNT)) == 8
     sheet = cv2.imread(str(tmp_path / "traffic_contact_sheet.png"))
     assert sheet.shape == (2 * 288, 4 * 384, 3)  # 8 frames at half size, 4 per row
+
+
+def test_the_video_is_h264_where_opencv_can_else_the_report_says_how_to_convert(tmp_path: Path):
+    writer, codec = traffic.video_writer(tmp_path / "v.mp4", 10, (64, 48))
+    writer.write(np.zeros((48, 64, 3), np.uint8))
+    writer.release()
+    assert codec in ("avc1", "mp4v") and (tmp_path / "v.mp4").stat().st_size > 0
+    report = traffic.TrafficReport([], 0.0, [], None, tmp_path / "v.mp4", tmp_path / "s.png", codec)
+    assert report.playable == (codec == "avc1")
+    video, copy = tmp_path / "v.mp4", tmp_path / "v-h264.mp4"
+    assert report.convert == f"ffmpeg -i {video} -c:v libx264 -pix_fmt yuv420p {copy}"
