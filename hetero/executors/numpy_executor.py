@@ -8,29 +8,35 @@ of last resort: vendor libraries add speed, this one keeps every case running.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import cache
+from functools import cache, partial
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun, RuntimeContextError
-from onnx.reference.ops.op_loop import Loop as ReferenceLoop
 
 from hetero import kernels
 from hetero.errors import CompileError, RunError
 from hetero.executors.array_kernels import FAST_OPS
 from hetero.executors.base import CompiledPartition, Executor, ExecutorInfo
+from hetero.executors.exact_ops import EXACT_OPS, UNIMPLEMENTED, declines, strings_as_objects
 from hetero.graph import Model, Node
 
 _REFERENCE_DOMAINS = ("", "ai.onnx.ml", "ai.onnx.preview", "ai.onnx.preview.training", "experimental")
 
 
 @cache
-def _reference_has(domain: str, op_type: str, version: int) -> bool:
+def implements(domain: str, op_type: str, version: int) -> bool:
+    """Whether a kernel here or in onnx.reference computes this op at this opset version."""
     if domain not in _REFERENCE_DOMAINS:
         return False
     if domain == "":
+        try:
+            if (op_type, onnx.defs.get_schema(op_type, version).since_version) in UNIMPLEMENTED:
+                return False
+        except onnx.defs.SchemaError:
+            return False
         from onnx.reference.ops import load_op
     elif domain == "ai.onnx.ml":
         from onnx.reference.ops.aionnxml import load_op
@@ -66,34 +72,30 @@ def host_kernel_op(spec: kernels.Kernel) -> type[OpRun]:
     return type(spec.op_type, (OpRun,), {"op_domain": spec.domain, "_run": _run, "__init__": __init__})
 
 
-class Loop(ReferenceLoop):
-    """onnx.reference's Loop, with scan outputs stacked along a new first axis as the spec says
-    (the reference `vstack`s them, which turns N scalars into an [N, 1] tensor)."""
+def _with_own_defaults(cls: Any, schema: onnx.defs.OpSchema, node: onnx.NodeProto, run_params: dict) -> OpRun:
+    op = cls(node, run_params)
+    given = {a.name for a in node.attribute}
+    for name, attr in schema.attributes.items():
+        default = attr.default_value
+        undefined = default.type == 0 or (default.type == onnx.AttributeProto.TENSOR
+                                          and not default.t.data_type)
+        if name not in given and name in getattr(op, "attributes_names_", ()) and not undefined:
+            setattr(op, name, op._extract_attribute_value(default, attr))
+    return op
 
-    def _run(self, M, cond, *args, context=None, body=None, attributes=None, bindings=None):
-        names = self.body.input_names
-        inputs = dict.fromkeys(names)
-        for name, value in zip(names[2:], args, strict=False):
-            inputs[name] = value
-        inputs.update(context or {})
-        scans: list[list] = [[] for _ in range(self.K)]
-        carried = [inputs[n] for n in names[2:]]
-        iteration = 0
-        while cond and (M is None or iteration < M):
-            if names[0] is not None:
-                inputs[names[0]] = np.array(iteration, dtype=None if M is None else M.dtype)
-            if len(names) > 1 and names[1] is not None:
-                inputs[names[1]] = cond
-            outputs = self._run_body(inputs, attributes=attributes, bindings=bindings)
-            for k in range(self.K):
-                scans[k].append(outputs[-self.K + k])
-            cond = outputs[self.output_index[self.body.output_names[0]]]
-            carried = outputs[1:1 + self.N]
-            for name, value in zip(names[2:], carried, strict=False):
-                inputs[name] = value
-            iteration += 1
-        results = list(carried) + [np.stack(values) if values else np.empty((0,)) for values in scans]
-        return self._check_and_fix_outputs(tuple(results))
+
+class _Evaluator(ReferenceEvaluator):
+    """onnx.reference's evaluator with each node's attribute defaults taken from the schema of its
+    own op version: the reference takes them from the newest (Softmax-11 would get axis=-1 rather
+    than 1, Selu-1 another alpha)."""
+
+    def _load_impl(self, node: onnx.NodeProto, input_types: Any = None) -> Any:
+        cls = super()._load_impl(node, input_types)
+        try:
+            schema = onnx.defs.get_schema(node.op_type, self.opsets[node.domain], node.domain)
+        except (onnx.defs.SchemaError, KeyError):
+            return cls
+        return partial(_with_own_defaults, cls, schema)
 
 
 class _Interpreted(CompiledPartition):
@@ -101,14 +103,14 @@ class _Interpreted(CompiledPartition):
         self.input_names = [i.name for i in part.graph.input]
         self.output_names = [o.name for o in part.graph.output]
         self._label = part.graph.name
-        self._evaluator = ReferenceEvaluator(part, new_ops=new_ops)
+        self._evaluator = _Evaluator(part, new_ops=new_ops)
 
     def __call__(self, inputs: Sequence[Any]) -> list[Any]:
         try:
             outputs = self._evaluator.run(None, dict(zip(self.input_names, inputs, strict=True)))
         except Exception as exc:
             raise RunError(f"numpy@cpu failed running partition {self._label!r}: {exc}") from exc
-        return [np.asarray(o) if isinstance(o, np.generic) else o for o in outputs]
+        return [strings_as_objects(np.asarray(o) if isinstance(o, np.generic) else o) for o in outputs]
 
 
 class NumpyExecutor(Executor):
@@ -129,7 +131,9 @@ class NumpyExecutor(Executor):
         version = model.opsets.get(node.domain)
         if version is None:
             return any(f.domain == node.domain and f.name == node.op_type for f in model.proto.functions)
-        return _reference_has(node.domain, node.op_type, version)
+        if node.domain == "" and declines(node.proto, version):
+            return False
+        return implements(node.domain, node.op_type, version)
 
     def compile(self, part: onnx.ModelProto) -> CompiledPartition:
         custom = []
@@ -138,6 +142,6 @@ class NumpyExecutor(Executor):
             if spec is not None:
                 custom.append(host_kernel_op(spec))
         try:
-            return _Interpreted(part, [*custom, *FAST_OPS, Loop])
+            return _Interpreted(part, [*custom, *FAST_OPS, *EXACT_OPS])
         except Exception as exc:
             raise CompileError(f"numpy@cpu cannot build partition {part.graph.name!r}: {exc}") from exc
