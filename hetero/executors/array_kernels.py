@@ -210,16 +210,21 @@ class GlobalAveragePool(_FastOp):
 
 
 class _Coerced2D(_FastOp):
-    """Softmax, LogSoftmax and Hardmax before opset 13 flatten the input to 2-D at `axis` (default
-    1) and work over the second dimension; onnx.reference applies the opset-13 rule instead."""
+    """Softmax, LogSoftmax and Hardmax over rows: before opset 13 the input is flattened to 2-D at
+    `axis` (default 1) and rows are the second dimension (onnx.reference applies the opset-13
+    rule instead); from 13 rows run along `axis` (default -1). LogSoftmax is x - max - log(sum),
+    as the spec's function body: onnx.reference takes log(softmax), -inf where softmax underflows."""
 
     def _run(self, x, axis=None):
-        version = self._run_params["opsets"][""]
-        if version >= 13 or x.ndim == 0:
+        if x.ndim == 0 or x.size == 0:
             return self.reference(x)
-        axis = (1 if axis is None else axis) % max(x.ndim, 1)
-        flat = x.reshape(math.prod(x.shape[:axis]), -1)
-        return (self.over_rows(flat).reshape(x.shape).astype(x.dtype, copy=False),)
+        if self._run_params["opsets"][""] < 13:
+            axis = (1 if axis is None else axis) % x.ndim
+            flat = x.reshape(math.prod(x.shape[:axis]), -1)
+            return (self.over_rows(flat).reshape(x.shape).astype(x.dtype, copy=False),)
+        moved = np.moveaxis(x, -1 if axis is None else axis, -1)
+        rows = self.over_rows(moved.reshape(-1, moved.shape[-1])).reshape(moved.shape)
+        return (np.moveaxis(rows, -1, -1 if axis is None else axis).astype(x.dtype, copy=False),)
 
     def over_rows(self, flat):
         raise NotImplementedError
