@@ -20,6 +20,7 @@ import argparse
 import collections
 import importlib
 import itertools
+import math
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -783,6 +784,22 @@ def _edge_specs() -> Iterator[tuple[str, str, int, dict, list, dict]]:
                 (np.maximum if op == "Max" else np.minimum)(finite, finite[::-1])], {}
         else:
             yield f"float {op}", op, 14 if op == "Relu" else 13, {"x": finite}, [fn(finite)], {}
+    infinite = np.array([-np.inf, -3e38, -1.0, -0.0, 0.0, 1e-40, 2.0, 3e38, np.inf], np.float32)
+    for op, version, fn, attrs in (
+            ("Clip", 13, lambda v: np.clip(v, -1, 1), {}),
+            ("LeakyRelu", 6, lambda v: np.where(v < 0, v * np.float32(0.1), v), {"alpha": 0.1}),
+            ("HardSigmoid", 6, lambda v: np.clip(v * np.float32(0.2) + np.float32(0.5), 0, 1), {}),
+            ("HardSwish", 14, lambda v: v * np.clip(v / np.float32(6) + np.float32(0.5), 0, 1), {}),
+            ("Elu", 6, lambda v: np.where(v < 0, np.expm1(v), v), {}),
+            ("Erf", 13, lambda v: np.array([math.erf(t) for t in v.tolist()], np.float32), {})):
+        inputs = {"x": infinite}
+        if op == "Clip":
+            inputs |= {"lo": np.float32(-1), "hi": np.float32(1)}
+            attrs = {"constant": ["lo", "hi"]}
+        yield f"float {op} of infinities", op, version, inputs, [fn(infinite).astype(np.float32)], dict(attrs)
+    window = np.array([[[[1, np.inf], [2, 3]], [[-np.inf, 1], [0, 4]]]], np.float32)
+    yield "float GlobalAveragePool of infinities", "GlobalAveragePool", 1, {"x": window}, [
+        window.mean(axis=(2, 3), keepdims=True)], {}
     pairs = np.array([[2, 0.5], [-8, 1 / 3], [0, 0], [np.nan, 0], [1, np.nan], [-2, 3], [0, -1], [1e20, 3]],
                      np.float32)
     yield "float Pow", "Pow", 15, {"a": pairs[:, 0].copy(), "b": pairs[:, 1].copy()}, [

@@ -18,8 +18,6 @@ EVERYWHERE = {
     r"test_gradient_of_add": "Gradient (ai.onnx.preview.training) is a training op no executor implements",
     r"test_loop16_seq_none": "an empty optional sequence: every library hands it back in another form",
 }
-# Cases that fail only when the exact host executor (built on onnx.reference) runs them.
-REFERENCE_ONLY = {r"test_if_opt_": "onnx.reference wraps an optional sequence in one more list"}
 
 
 def _configurations() -> dict[str, list | None]:
@@ -32,7 +30,7 @@ for _tag, _order in _configurations().items():
     _suite = onnx.backend.test.BackendTest(hetero.backend.configured(_order), __name__)
     _suite.include(r".*_cpu$")
     _suite.exclude(hetero.backend.DOWNLOADED_MODEL_CASES)
-    for _pattern in {**EVERYWHERE, **(REFERENCE_ONLY if _tag == "numpy" else {})}:
+    for _pattern in EVERYWHERE:
         _suite.xfail(_pattern)
     for _name, _case in _suite.test_cases.items():
         globals()[f"{_name}_{_tag}"] = pytest.mark.slow(type(f"{_name}_{_tag}", (_case,), {}))

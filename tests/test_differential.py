@@ -9,7 +9,9 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
+from onnx import TensorProto, helper
 
 import hetero
 from hetero.executors.numpy_executor import NumpyExecutor
@@ -123,3 +125,102 @@ def test_every_claimed_op_version_is_exact():
     assert not failures, failures[:20]
     table = exactness.coverage(results, exactness.claimed_versions())
     assert table["covered"] >= table["claimed"] - 2, table
+
+
+# -- every executor on edge values -------------------------------------------------------------------
+
+LIBRARIES = ["onnxruntime", "openvino", "torch", "opencl", "numpy", "cupy"]
+EDGE_SAMPLE = {"int64 Identity", "int64 Div", "float Cast to int64", "int64 Slice ends at run time",
+               "float Round", "float Exp", "float Div", "float Softmax", "empty Add", "MatMul over K=0",
+               "Resize nearest round_prefer_ceil half_pixel on .5", "ReduceMax over an empty axis",
+               "QuantizeLinear ties"}
+
+
+@pytest.fixture(scope="module")
+def edge_cases():
+    return list(exactness.edge_cases())
+
+
+def _executor(library):
+    found = [e for e in exactness.edge_executors() if e.library == library]
+    if not found:
+        pytest.skip(f"{library} is not installed here")
+    return found[0]
+
+
+def _not_exact(results):
+    return [(r.case, r.verdict, r.detail) for r in results if r.verdict not in ("exact", "declined")]
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_edge_values_sample(library, edge_cases):
+    """Each executor computes the spec's numbers on edge values, or declines the node."""
+    cases = [c for c in edge_cases if c.name in EDGE_SAMPLE]
+    assert len(cases) == len(EDGE_SAMPLE)
+    assert not _not_exact(exactness.run(cases, _executor(library)))
+
+
+def _shape_arithmetic(data_input: bool):
+    """Reshape a float tensor to [rows, -1] with rows computed from its Shape (int64 shape
+    arithmetic), or from an int64 graph input (int64 data)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4])
+    inputs = [x]
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]),
+             helper.make_node("Gather", ["shape", "zero"], ["first"], axis=0),
+             helper.make_node("Mul", ["first", "three"], ["rows"]),
+             helper.make_node("Concat", ["rows", "minus_one"], ["target"], axis=0),
+             helper.make_node("Reshape", ["x", "target"], ["y"])]
+    if data_input:
+        inputs.append(helper.make_tensor_value_info("k", TensorProto.INT64, [1]))
+        nodes[2] = helper.make_node("Mul", ["first", "k"], ["rows"])
+    constants = [onnx.numpy_helper.from_array(np.array([0], np.int64), "zero"),
+                 onnx.numpy_helper.from_array(np.array([3], np.int64), "three"),
+                 onnx.numpy_helper.from_array(np.array([-1], np.int64), "minus_one")]
+    graph = helper.make_graph(nodes, "shape_arithmetic", inputs,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])], constants)
+    return hetero.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), fold=False)
+
+
+def test_openvino_runs_int64_shape_arithmetic_and_declines_int64_data():
+    openvino = _executor("openvino")
+    model = _shape_arithmetic(data_input=False)
+    assert all(openvino.supports(n, model) for n in model.nodes)
+    x = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    assert exactness.mismatch(exactness.run_on(openvino, model, {"x": x})[0], x.reshape(6, 4)) is None
+    model = _shape_arithmetic(data_input=True)
+    declined = {n.op_type for n in model.nodes if not openvino.supports(n, model)}
+    assert declined == {"Mul", "Concat", "Reshape"}  # everything downstream of the int64 input
+
+
+def test_openvino_resize_declines_rounding_that_float32_may_flip():
+    openvino = _executor("openvino")
+
+    def node(sizes=None, scales=None, rows=36, **attributes):
+        x = np.zeros((1, 1, rows, 8), np.float32)
+        inputs = {"x": x, "roi": np.array([], np.float32), "scales": np.array(scales or [], np.float32)}
+        if sizes:
+            inputs["sizes"] = np.array(sizes, np.int64)
+        attributes = {"mode": "nearest"} | attributes
+        proto, _ = exactness.node_model("Resize", 13, inputs, constant=[n for n in inputs if n != "x"],
+                                        **attributes)
+        model = hetero.load(proto, fold=False)
+        return model.nodes[0], model
+
+    # (32 + 0.5) * 36 / 78 - 0.5 is exactly 14.5: OpenVINO rounds it to 14, the spec to 15.
+    assert not openvino.supports(*node(sizes=[1, 1, 78, 8], nearest_mode="round_prefer_ceil",
+                                       coordinate_transformation_mode="pytorch_half_pixel"))
+    # 11 * float32(26 / 11) is 25.999998, floor 25: OpenVINO makes the output 26 long.
+    assert not openvino.supports(*node(scales=[1, 1, 26 / 11, 1], rows=11, mode="linear"))
+    assert openvino.supports(*node(scales=[1, 1, 2, 2], nearest_mode="floor",
+                                   coordinate_transformation_mode="asymmetric"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_every_executor_on_edge_and_generated_cases(library, edge_cases):
+    """Every edge case and every generated case (old op versions) on every executor: the spec's
+    numbers (or ONNX Runtime's where no formula is given), or declined."""
+    executor = _executor(library)
+    assert not _not_exact(exactness.run(edge_cases, executor))
+    results = exactness.run(exactness.generated_cases(), executor)
+    assert not [r for r in _not_exact(results) if r[1] != "no truth"]

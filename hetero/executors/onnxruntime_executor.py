@@ -170,8 +170,8 @@ _ELEMENT_TYPES = {f"tensor({_elem(t)})": t for t in onnx.TensorProto.DataType.va
 def known_deviation(node: Node, model: Model) -> str | None:
     """Why ONNX Runtime's CPU kernel gives other numbers than the ONNX spec for this node, if it does.
 
-    Found by the ONNX backend test suite (ONNX Runtime's own test filter lists the same cases);
-    such nodes are left to an executor that follows the spec.
+    Found by the ONNX backend test suite (ONNX Runtime's own test filter lists the same cases)
+    and by `benchmarks/exactness.py`; such nodes are left to an executor that follows the spec.
     """
     op, attrs = node.op_type, node.attributes
     given = [bool(name) for name in node.inputs] + [False] * 8
@@ -183,6 +183,8 @@ def known_deviation(node: Node, model: Model) -> str | None:
         return "the output_shape input is ignored"
     if op == "RoiAlign" and attrs.get("mode", b"avg") == b"max":
         return "max mode takes the max of weighted samples, not of bilinear values"
+    if op == "Scan" and node.since_version >= 9 and _empty_scan(node, model):
+        return "a scan over zero steps fails at run time"
     if op == "Dropout" and given[2]:
         return "training-mode masks come from another random generator"
     if op == "Attention" and attrs.get("is_causal", 0):
@@ -193,6 +195,17 @@ def known_deviation(node: Node, model: Model) -> str | None:
             and attrs.get("mode", b"nearest") != b"nearest" and shrinks(node, model):
         return "align_corners downsampling samples other positions"
     return None
+
+
+def _empty_scan(node: Node, model: Model) -> bool:
+    """A scan input whose scan axis is statically zero long."""
+    count = node.attributes.get("num_scan_inputs", 0)
+    axes = node.attributes.get("scan_input_axes") or [0] * count
+    for name, axis in zip(node.inputs[len(node.inputs) - count:], axes, strict=False):
+        shape = model.tensor(name).shape
+        if shape is not None and shape[axis % max(len(shape), 1)] == 0:
+            return True
+    return False
 
 
 class _Session(CompiledPartition):

@@ -8,13 +8,16 @@ asks for fp32 unless bf16 is requested explicitly (`precision="bf16"`).
 
 from __future__ import annotations
 
+import math
 import threading
 from collections.abc import Sequence
+from fractions import Fraction
 from typing import Any, ClassVar
 
 import numpy as np
 import onnx
 import openvino as ov
+from onnx import numpy_helper
 
 from hetero.errors import CompileError, RunError
 from hetero.executors.base import (
@@ -59,19 +62,27 @@ _UNSUPPORTED_OPS = {
     "TopK": "equal values do not keep their index order",
     "ReduceMax": "an all -inf (or empty) slice gives the lowest finite float, not -inf",
     "ReduceMin": "an all +inf (or empty) slice gives the highest finite float, not +inf",
+    "Exp": "Exp(NaN) gives inf",
+    "Softmax": "a row holding +inf or NaN gives NaN only where the input is, not across the row",
+    "LogSoftmax": "a row holding +inf or NaN gives NaN only where the input is, not across the row",
 }
 
 
 def known_deviation(node: Node, model: Model) -> str | None:
     """Why OpenVINO's CPU plugin gives other numbers than the ONNX spec for this node, if it does.
 
-    Found by running the ONNX backend test suite with OpenVINO first; such nodes are left to an
-    executor that follows the spec.
+    Found by running the ONNX backend test suite with OpenVINO first and by the edge values of
+    `benchmarks/exactness.py`; such nodes are left to an executor that follows the spec.
     """
     op, attrs = node.op_type, node.attributes
     given = [bool(name) for name in node.inputs] + [False] * 8
     if op in _UNSUPPORTED_OPS:
         return _UNSUPPORTED_OPS[op]
+    int64_data = _int64_data(node, model)
+    if int64_data:
+        return f"int64 tensors are held as int32: {int64_data} may pass 2^31"
+    if op == "Div" and model.tensor(node.inputs[0]).dtype in _FLOATS and not _safe_divisor(node, model):
+        return "divides by multiplying with the reciprocal, infinite for divisors below 1/FLT_MAX (denormals)"
     if op in _CONTROL_FLOW:
         return "control-flow outputs of dynamic shape are mis-broadcast by the ops that read them"
     if op in ("GRU", "LSTM", "RNN") and (attrs.get("layout", 0) == 1 or (op == "LSTM" and given[7])):
@@ -85,8 +96,13 @@ def known_deviation(node: Node, model: Model) -> str | None:
     windowed = attrs.get("left_window_size", -1) >= 0 or attrs.get("right_window_size", -1) >= 0
     if op == "Attention" and (windowed or (attrs.get("is_causal", 0) and given[4])):
         return "sliding windows and causal masking over a past cache differ"
+    if op in ("ReduceL1", "ReduceLogSum", "ReduceLogSumExp") and node.since_version == 13 and "axes" in attrs:
+        return "the axes attribute of opset-13 ReduceL1, ReduceLogSum and ReduceLogSumExp is ignored"
     if op == "Resize" and _resize_deviates(node, model):
         return "antialiasing, cubic variants, aspect-ratio policies or align_corners downsampling differ"
+    if op == "Resize" and _resize_rounds_otherwise(node, model):
+        return ("output sizes and nearest source indices are rounded from float32 arithmetic: an exact "
+                "integer or half it cannot represent goes the other way")
     if op in ("MaxPool", "AveragePool") and attrs.get("ceil_mode", 0) and _ceil_drops_window(node, model):
         return "ceil_mode keeps a last window that starts in the padding"
     return None
@@ -101,6 +117,135 @@ def _resize_deviates(node: Node, model: Model) -> bool:
         return True
     return mode != b"nearest" and attrs.get("coordinate_transformation_mode") == b"align_corners" \
         and shrinks(node, model)
+
+
+_FLOATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
+#: Ops whose int64 outputs are indices or sizes of tensors, far below 2^31: shape arithmetic.
+_SIZE_SOURCES = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin", "TopK", "NonMaxSuppression", "Unique"}
+#: Index inputs: only values within a tensor's extent are valid, so none beyond 2^31 is.
+_INDEX_INPUTS = {("Gather", 1), ("GatherElements", 1), ("GatherND", 1)}
+#: Constant inputs OpenVINO reads as 64-bit when converting (INT64_MAX as "to the end").
+_CONSTANT_BOUNDS = {("Slice", 1), ("Slice", 2)}
+_INT32 = 2**31
+
+
+def _constant(model: Model, name: str) -> np.ndarray | None:
+    if not model.is_initializer(name):
+        return None
+    return next(numpy_helper.to_array(t) for t in model.proto.graph.initializer if t.name == name)
+
+
+def _int64_data(node: Node, model: Model) -> str | None:
+    """The int64 input of `node` whose values are not known to stay within int32, if any.
+
+    OpenVINO's CPU plugin holds int64 tensors as int32 (Identity of 2^40 + 3 gives 3; Cast of
+    5e18 to int64 gives -2^31). Shape arithmetic is safe: values computed from Shape, Size,
+    indices and small constants are tensor extents. Data is not.
+    """
+    int64 = np.dtype(np.int64)
+    if node.op_type in ("Cast", "CastLike") and model.tensor(node.outputs[0]).dtype == int64 \
+            and model.tensor(node.inputs[0]).dtype in _FLOATS:
+        return f"{node.op_type} from float to int64"
+    for position, name in enumerate(node.inputs):
+        if not name or model.tensor(name).dtype != int64 or (node.op_type, position) in _INDEX_INPUTS:
+            continue
+        if node.op_type in ("Cast", "CastLike") and position == 0:
+            continue  # converting int64 to another type reads all 64 bits
+        if (node.op_type, position) in _CONSTANT_BOUNDS and model.is_initializer(name):
+            continue
+        if not _within_int32(name, model, {}, 0):
+            return f"input {name!r}"
+    return None
+
+
+def _within_int32(name: str, model: Model, seen: dict[str, bool], depth: int) -> bool:
+    """Whether an int64 value provably stays within int32: a small constant, a size or index, or
+    computed from such values alone (up to 64 nodes upstream)."""
+    if name in seen:
+        return seen[name]
+    constant = _constant(model, name)
+    producer = model.producer(name)
+    if constant is not None:
+        small = constant.size == 0 or bool(np.all(np.abs(constant.astype(np.float64)) < _INT32))
+    elif producer is None or depth > 64:
+        small = False
+    elif producer.op_type in _SIZE_SOURCES:
+        small = True
+    elif producer.op_type in ("Cast", "CastLike") and model.tensor(producer.inputs[0]).dtype in _FLOATS:
+        small = False
+    else:
+        small = all(_within_int32(i, model, seen, depth + 1) for i in producer.all_inputs
+                    if model.tensor(i).dtype == np.dtype(np.int64))
+    seen[name] = small
+    return small
+
+
+def _safe_divisor(node: Node, model: Model) -> bool:
+    """A constant divisor whose reciprocal is finite (zero is fine: x * inf is x / 0)."""
+    divisor = _constant(model, node.inputs[1])
+    if divisor is None:
+        return False
+    magnitudes = np.abs(divisor.astype(np.float64))
+    return not np.any((magnitudes > 0) & (magnitudes < 1 / np.finfo(np.float32).max))
+
+
+def _is_power_of_two(ratio: Fraction) -> bool:
+    return ratio > 0 and ratio.numerator & (ratio.numerator - 1) == 0 \
+        and ratio.denominator & (ratio.denominator - 1) == 0
+
+
+def _resize_rounds_otherwise(node: Node, model: Model) -> bool:
+    """Whether Resize has a value that OpenVINO's float32 arithmetic may round the other way: an
+    output size floor(n * scale) just below an integer, or a nearest source coordinate on (or
+    within float32 error of) a rounding boundary; exact where the scale is a power of two."""
+    attrs = node.attributes
+    version = node.since_version or 0
+    scales_name = node.inputs[1] if version < 11 else (node.inputs[2] if len(node.inputs) > 2 else "")
+    sizes_name = node.inputs[3] if version >= 11 and len(node.inputs) > 3 else ""
+    source = model.tensor(node.inputs[0]).shape
+    scales = _constant(model, scales_name) if scales_name else None
+    sizes = _constant(model, sizes_name) if sizes_name else None
+    if scales is not None and scales.size:
+        ratios = [Fraction(float(s)) for s in scales.reshape(-1)]
+        if any(r <= 0 for r in ratios):
+            return True
+        if source is None or not all(isinstance(d, int) for d in source):
+            return not all(_is_power_of_two(r) for r in ratios)
+        targets = [math.floor(n * r) for n, r in zip(source, ratios, strict=False)]
+        if any(not _is_power_of_two(r) and n * r - math.floor(n * r) > 1 - 1e-4
+               for n, r in zip(source, ratios, strict=False)):
+            return True
+    elif sizes is not None and sizes.size and source is not None and all(isinstance(d, int) for d in source):
+        targets = [int(v) for v in sizes.reshape(-1)]
+        if "axes" in attrs or len(targets) != len(source):
+            return True
+        ratios = [Fraction(t, n) if n else Fraction(1) for t, n in zip(targets, source, strict=True)]
+    else:
+        return True
+    if attrs.get("mode", b"nearest") != b"nearest":
+        return False
+    rounding = attrs.get("nearest_mode", b"round_prefer_floor")
+    mode = attrs.get("coordinate_transformation_mode", b"half_pixel" if version >= 11 else b"asymmetric")
+    for n, out, ratio in zip(source, targets, ratios, strict=False):
+        if out == n and ratio == 1:
+            continue
+        if mode == b"align_corners":
+            step = Fraction(n - 1, out - 1) if out > 1 else Fraction(0)
+            coordinates = [i * step for i in range(out)]
+            exact = _is_power_of_two(step) or step == 0
+        else:
+            shift = Fraction(1, 2) if mode in (b"half_pixel", b"pytorch_half_pixel") else 0
+            offset = Fraction(1, 2) if shift or mode == b"tf_half_pixel_for_nn" else 0
+            coordinates = [(i + offset) / ratio - shift for i in range(out)]
+            exact = _is_power_of_two(ratio)
+        if exact:
+            continue
+        half = rounding in (b"round_prefer_floor", b"round_prefer_ceil") and version >= 11
+        for c in coordinates:
+            boundary = math.floor(c) + Fraction(1, 2) if half else Fraction(round(c))
+            if abs(c - boundary) <= Fraction(1, 10**6) * max(1, abs(c)):
+                return True
+    return False
 
 
 def _ceil_drops_window(node: Node, model: Model) -> bool:
