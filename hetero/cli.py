@@ -142,9 +142,18 @@ def devices(probe: Annotated[bool, typer.Option(
             table.add_row(f"{entry.device} ({entry.description})", info.name, info.library, info.version,
                           str(info.threads), info.precision)
     console.print(table)
+    variants = ", ".join(f"{e.engine}@{e.device}[{p}]" for e in hetero.executors.available()
+                         for p in e.precisions if p != e.precision) or "none"
+    console.print(escape("names are ENGINE@DEVICE[PRECISION]: the library (with its back end where it has "
+                         "several: onnxruntime/cuda is ONNX Runtime's CUDA provider), the device (cpu, "
+                         "cuda:0, gpu:0, npu:0) and a reduced precision, used only where allow_precision "
+                         f"allows it and the outputs stay accurate; variants here: {variants}"),
+                  style="dim")
     for lib in inventory.libraries:
-        if not lib.executors:
+        if not lib.executors and not lib.notes:
             console.print(f"[yellow]{lib.library}[/]: {escape(lib.error or 'no device found')}")
+        for note in lib.notes:
+            console.print(f"[yellow]{lib.library}[/]: {escape(note)}")
     if probe:
         from hetero.planner.cost import probe as measure
 

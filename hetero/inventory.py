@@ -34,9 +34,10 @@ class Inventory:
             lines.append(f"{entry.device}: {entry.description}")
             lines += [f"  {e.name:<26} {e.library} {e.version}, {e.threads} threads, {e.precision}"
                       for e in entry.executors]
-        lines += [f"{lib.library}: {lib.error}" for lib in self.libraries
-                  if lib.installed and not lib.executors]
+        lines += [f"{lib.library}: no device found" for lib in self.libraries
+                  if lib.installed and not lib.executors and not lib.notes]
         lines += [f"{lib.library}: {lib.error}" for lib in self.missing]
+        lines += [f"{lib.library}: {note}" for lib in self.libraries for note in lib.notes]
         return "\n".join(lines)
 
 

@@ -29,24 +29,27 @@ from hetero.executors.base import (
 BUILTIN: dict[str, tuple[str, str]] = {
     "cupy": ("hetero.executors.cupy_executor", "CupyExecutor"),
     "onnxruntime": ("hetero.executors.onnxruntime_executor", "OnnxRuntimeExecutor"),
+    "tensorrt": ("hetero.executors.tensorrt_executor", "TensorRTExecutor"),
     "openvino": ("hetero.executors.openvino_executor", "OpenVinoExecutor"),
     "torch": ("hetero.executors.torch_executor", "TorchExecutor"),
     "opencl": ("hetero.executors.opencl_executor", "OpenCLExecutor"),
     "sim": ("hetero.executors.sim_executor", "SimExecutor"),
     "numpy": ("hetero.executors.numpy_executor", "NumpyExecutor"),
 }
-EXTRAS = {"cupy": "cuda", "onnxruntime": "onnxruntime", "openvino": "openvino", "torch": "torch",
-          "opencl": "opencl", "sim": "", "numpy": ""}
+EXTRAS = {"tensorrt": "tensorrt", "cupy": "cuda", "onnxruntime": "onnxruntime", "openvino": "openvino",
+          "torch": "torch", "opencl": "opencl", "sim": "", "numpy": ""}
 
 
 @dataclass(frozen=True)
 class Library:
-    """One executor library as found on this host: its executors, or why there are none."""
+    """One executor library as found on this host: its executors, or why there are none, and
+    `notes` on what it could drive here but does not (hardware without its back end, ...)."""
 
     library: str
     extra: str
     executors: tuple[Executor, ...]
     error: str | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def installed(self) -> bool:
@@ -67,12 +70,13 @@ def _discover(library: str, cls_loader) -> Library:
     try:
         cls = cls_loader()
         executors = tuple(cls.discover())
+        notes = tuple(cls.missing())
     except ImportError as exc:
         hint = f"pip install 'hetero[{extra}]'" if extra else "reinstall hetero"
         return Library(library, extra, (), f"not installed ({exc.name or exc}); {hint}")
     except Exception as exc:
         return Library(library, extra, (), f"unavailable: {type(exc).__name__}: {exc}")
-    return Library(library, extra, executors)
+    return Library(library, extra, executors, notes=notes)
 
 
 def libraries(refresh: bool = False) -> list[Library]:
@@ -119,8 +123,20 @@ def is_accelerator(executor: Executor) -> bool:
     return bool(getattr(executor, "accelerator", executor.device.kind != "cpu"))
 
 
+def hands_off(source: Executor | None, target: Executor | None) -> bool:
+    """A tensor `source` made is read by `target` in the same device memory through another
+    library's arrays: no copy, but a hand-off (the producer synchronizes, the reader wraps the
+    buffer through DLPack). Host memory needs none: every library takes numpy arrays."""
+    return (source is not None and target is not None and type(source) is not type(target)
+            and source.memory_space == target.memory_space != str(CPU))
+
+
 def resolve(specs: Iterable[str | Executor] | None) -> list[Executor]:
-    """Executors from names: 'numpy', 'torch' (all its devices), 'torch@cuda:0', 'openvino@cpu[bf16]'."""
+    """Executors from names `ENGINE@DEVICE[PRECISION]`, each part optional but the library:
+    'numpy', 'torch' (all its devices), 'torch@cuda:0', 'openvino@cpu[bf16]', 'onnxruntime' (every
+    execution provider on every device), 'onnxruntime/cuda' (the CUDA provider on every GPU),
+    'onnxruntime@cpu' (the library's own back end on that device: the CPU provider; where it has
+    none there, all its back ends on that device)."""
     if specs is None:
         return available()
     if isinstance(specs, str):
@@ -138,8 +154,9 @@ def resolve(specs: Iterable[str | Executor] | None) -> list[Executor]:
 def _resolve_one(spec: str | Executor) -> list[Executor]:
     if isinstance(spec, Executor):
         return [spec]
-    library, _, rest = spec.partition("@")
+    engine, _, rest = spec.partition("@")
     device, _, variant = rest.partition("[")
+    library = engine.partition("/")[0]
     known = {lib.library: lib for lib in libraries()}
     lib = known.get(library)
     if lib is None:
@@ -148,6 +165,9 @@ def _resolve_one(spec: str | Executor) -> list[Executor]:
     if not lib.installed:
         raise ExecutorUnavailableError(f"executor {spec!r} is not available: {library} {lib.error}")
     matches = [e for e in lib.executors if not device or str(e.device) == device]
+    if "/" in engine or device:
+        named = [e for e in matches if e.engine == engine]
+        matches = named if named or "/" in engine else matches
     if variant:
         matches = [variant_of(e, variant.rstrip("]")) for e in matches]
     if not matches:
@@ -164,20 +184,21 @@ _variants: weakref.WeakKeyDictionary[Executor, dict[tuple, Executor]] = weakref.
 def variant_of(executor: Executor, precision: str | None = None, *, threads: int | None = None,
                stream: int | None = None) -> Executor:
     """The same library and device at another precision (OpenVINO bf16), thread budget or CPU
-    stream; one instance per variant, so capability probes are shared."""
-    precision = precision or getattr(executor, "precision", "fp32")
+    stream; one instance per variant, so capability probes are shared. `ExecutorUnavailableError`
+    when the library has no such precision."""
+    precision = precision or executor.precision
     threads = threads or executor.threads
-    if (precision, threads, stream) == (getattr(executor, "precision", "fp32"), executor.threads,
-                                        executor.stream):
+    if (precision, threads, stream) == (executor.precision, executor.threads, executor.stream):
         return executor
     key = (precision, threads, stream)
     with _lock:
         known = _variants.setdefault(executor, {})
         if key not in known:
-            if precision != "fp32" and not hasattr(executor, "precision"):
+            if precision not in executor.precisions:
                 raise ExecutorUnavailableError(
-                    f"executor {executor.name} has no precision variant {precision!r}")
-            changes = {"precision": precision} if precision != "fp32" else {}
+                    f"executor {executor.name} has no precision variant {precision!r} (it offers "
+                    f"{', '.join(executor.precisions)})")
+            changes = {"precision": precision} if len(executor.precisions) > 1 else {}
             known[key] = executor.variant(threads=threads, stream=stream, **changes)
         return known[key]
 
@@ -191,6 +212,7 @@ __all__ = [
     "Library",
     "available",
     "default_threads",
+    "hands_off",
     "is_accelerator",
     "libraries",
     "reference",

@@ -90,6 +90,10 @@ class Executor(ABC):
     #: the function typing their nodes' outputs (`hetero.domains.TypeFn`).
     vendor_domains: ClassVar[frozenset[str]] = frozenset()
     output_types: ClassVar[Callable[..., Sequence[onnx.ValueInfoProto | None]] | None] = None
+    #: Precisions the library offers as variants (`openvino@cpu[bf16]`): reduced ones are used only
+    #: where the user allows them (`allow_precision`) and the outputs stay within tolerance.
+    precisions: ClassVar[tuple[str, ...]] = ("fp32",)
+    precision: str = "fp32"
 
     def __init__(self, device: Device = CPU, *, threads: int | None = None, stream: int | None = None):
         self.device = device
@@ -97,8 +101,17 @@ class Executor(ABC):
         self.stream = stream
 
     @property
+    def engine(self) -> str:
+        """The software half of the name: the library, and for a library with several back ends
+        the one this executor uses (`onnxruntime/cuda`)."""
+        return self.library
+
+    @property
     def name(self) -> str:
-        return f"{self.library}@{self.device}" + ("" if self.stream is None else f"#{self.stream}")
+        """`ENGINE@DEVICE[PRECISION]#STREAM`: `onnxruntime/cuda@cuda:0`, `openvino@cpu[bf16]`,
+        `torch@cpu#1`."""
+        return (f"{self.engine}@{self.device}" + ("" if self.precision == "fp32" else f"[{self.precision}]")
+                + ("" if self.stream is None else f"#{self.stream}"))
 
     @property
     def memory_space(self) -> str:
@@ -121,6 +134,12 @@ class Executor(ABC):
     @abstractmethod
     def discover(cls) -> list[Executor]:
         """One executor per device this library can drive here; raises ImportError if absent."""
+
+    @classmethod
+    def missing(cls) -> list[str]:
+        """What this library could drive on this host but does not, and why (hardware without the
+        library's back end for it, a back end that is not a device); for `hetero devices`."""
+        return []
 
     @abstractmethod
     def info(self) -> ExecutorInfo: ...
@@ -173,6 +192,12 @@ class Executor(ABC):
         """`value` from another device's memory straight into this one's (GPU to GPU), or None to
         go through host memory."""
         return None
+
+    def adopt(self, value: Any) -> Any:
+        """A device array another library made in this executor's memory space, as this library
+        takes its inputs, without a copy (DLPack or the CUDA Array Interface). Called only once the
+        producer has synchronized; on the host every library exchanges numpy arrays as they are."""
+        return value
 
     def synchronize(self) -> None:  # noqa: B027 - a no-op on the host, devices override it
         """Wait until work queued on the device is done (for timing)."""

@@ -1,9 +1,15 @@
-"""`openvino@cpu`: Intel OpenVINO's CPU plugin (oneDNN).
+"""`openvino@cpu`, `openvino@gpu:N`, `openvino@npu:0`: Intel OpenVINO on every device it lists.
 
 A graph compiler: each partition is read by OpenVINO's ONNX frontend and compiled as one model.
 Capability is asked of OpenVINO: the node alone is converted and `query_model` must place all
-of its operations on the device. OpenVINO's own default on CPUs with bf16 units is bf16; Hetero
-asks for fp32 unless bf16 is requested explicitly (`precision="bf16"`).
+of its operations on the device. OpenVINO's own default on CPUs with bf16 units is bf16 and on
+GPUs fp16; Hetero asks for fp32 unless a reduced precision is requested explicitly
+(`precision="bf16"`). The NPU computes in fp16 only, so it runs nothing until fp16 is allowed.
+
+Devices follow OpenVINO's `available_devices`: CPU is `cpu`, GPU.N (or a lone GPU) is `gpu:N`,
+NPU is `npu:0`. A GPU or NPU is its own memory space: tensors stay there between its partitions
+as OpenVINO remote tensors, allocated in the device's default context, copied to and from host
+memory only at the edges.
 """
 
 from __future__ import annotations
@@ -11,15 +17,16 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 from fractions import Fraction
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import onnx
 import openvino as ov
 from onnx import numpy_helper
 
-from hetero.errors import CompileError, RunError
+from hetero.errors import CompileError, ExecutorUnavailableError, RunError
 from hetero.executors.base import (
     CPU,
     NUMPY_NATIVE_TYPES,
@@ -33,6 +40,8 @@ from hetero.executors.base import (
 from hetero.graph import Model, Node
 
 _PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
+#: Precisions each kind of device offers, the first its default.
+_DEVICE_PRECISIONS = {"cpu": ("fp32", "bf16", "fp16"), "gpu": ("fp32", "fp16"), "npu": ("fp32", "fp16")}
 _STRUCTURAL_OPS = {"Parameter", "Result", "Constant"}
 _core: ov.Core | None = None
 _core_lock = threading.Lock()
@@ -49,6 +58,15 @@ def core() -> ov.Core:
 
 def read(part: onnx.ModelProto) -> ov.Model:
     return core().read_model(part.SerializeToString(), b"")
+
+
+def hetero_device(ov_name: str) -> Device | None:
+    """OpenVINO's device name as Hetero's: CPU -> cpu, GPU / GPU.1 -> gpu:0 / gpu:1, NPU -> npu:0;
+    None for devices Hetero does not drive (virtual ones such as AUTO or HETERO)."""
+    kind, _, index = ov_name.partition(".")
+    if kind not in ("CPU", "GPU", "NPU") or (index and not index.isdigit()):
+        return None
+    return CPU if kind == "CPU" else Device(kind.lower(), int(index or 0))
 
 
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
@@ -273,9 +291,24 @@ def _native(array: np.ndarray) -> np.ndarray:
     return array
 
 
+@dataclass(frozen=True)
+class RemoteArray:
+    """A tensor in a GPU's or NPU's memory (an OpenVINO remote tensor, which does not say its
+    element type)."""
+
+    tensor: ov.RemoteTensor
+    element_type: ov.Type
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.tensor.get_shape())
+
+
 class _Compiled(CompiledPartition):
-    def __init__(self, compiled: ov.CompiledModel, part: onnx.ModelProto, name: str):
+    def __init__(self, compiled: ov.CompiledModel, part: onnx.ModelProto, name: str,
+                 context: ov.RemoteContext | None = None):
         self._compiled = compiled
+        self._context = context
         self._label = part.graph.name
         self._name = name
         self.input_names = [i.name for i in part.graph.input]
@@ -300,6 +333,8 @@ class _Compiled(CompiledPartition):
         if request is None:
             request = self._local.request = self._compiled.create_infer_request()
         try:
+            if self._context is not None:
+                return self._on_device(request, inputs)
             feeds = {port: _native(value) for port, value in zip(self._inputs, inputs, strict=True)
                      if port is not None}
             result = request.infer(feeds, share_inputs=True)
@@ -307,69 +342,129 @@ class _Compiled(CompiledPartition):
             raise RunError(f"{self._name} failed running partition {self._label!r}: {exc}") from exc
         return [result[o] for o in self._outputs]
 
+    def _on_device(self, request: ov.InferRequest, inputs: Sequence[Any]) -> list[Any]:
+        """Remote tensors in, and out where the output's shape is known before the run (a fresh
+        one per run: the last run's outputs may still be read); others come back to the host."""
+        for port, value in zip(self._inputs, inputs, strict=True):
+            if isinstance(value, RemoteArray):
+                request.set_tensor(port.get_any_name(), value.tensor)
+            elif port is not None:
+                request.set_tensor(port, ov.Tensor(_native(value), shared_memory=True))
+        outputs: list[RemoteArray | None] = []
+        for port in self._outputs:
+            shape = port.get_partial_shape()
+            remote = RemoteArray(self._context.create_tensor(port.get_element_type(), shape.to_shape(), {}),
+                                 port.get_element_type()) if shape.is_static else None
+            if remote is not None:
+                request.set_tensor(port.get_any_name(), remote.tensor)
+            outputs.append(remote)
+        request.infer()
+        return [remote if remote is not None else request.get_tensor(port).data.copy()
+                for remote, port in zip(outputs, self._outputs, strict=True)]
+
 
 class OpenVinoExecutor(Executor):
     library = "openvino"
     extra = "openvino"
     compiles_graphs = True
-    _probes: ClassVar[ProbeAnswers] = ProbeAnswers(f"openvino={ov.get_version()}")
     # The CPU plugin computes f64 and f16 in f32, which is not ONNX's semantics for those types.
     exchange_dtypes = NUMPY_NATIVE_TYPES - {"double", "float16"}
 
     def __init__(self, device: Device = CPU, *, threads: int | None = None, stream: int | None = None,
-                 precision: str = "fp32"):
-        super().__init__(device, threads=threads, stream=stream)
-        if precision not in _PRECISIONS:
-            raise ValueError(f"openvino precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+                 precision: str = "fp32", ov_device: str | None = None):
+        host = device == CPU
+        super().__init__(device, threads=threads or (None if host else 1), stream=stream)
+        self.precisions = _DEVICE_PRECISIONS.get(device.kind, ("fp32",))
+        if precision not in self.precisions:
+            raise ExecutorUnavailableError(f"openvino on {device} offers precisions "
+                                           f"{', '.join(self.precisions)}, not {precision!r}")
         self.precision = precision
+        self.ov_device = ov_device or ("CPU" if host else f"{device.kind.upper()}.{device.index}")
+        self._probes = _probe_answers(f"openvino={ov.get_version()}" + ("" if host else f"/{self.ov_device}"))
 
     @property
-    def name(self) -> str:
-        return super().name + ("" if self.precision == "fp32" else f"[{self.precision}]")
+    def memory_space(self) -> str:
+        """Host memory for the CPU; a GPU's or NPU's own (OpenVINO's remote tensors)."""
+        return str(CPU) if self.device == CPU else f"openvino:{self.device}"
 
     def variant(self, *, threads: int | None = None, stream: int | None = None,
                 precision: str | None = None) -> Executor:
         return type(self)(self.device, threads=threads or self.threads, stream=stream,
-                          precision=precision or self.precision)
+                          precision=precision or self.precision, ov_device=self.ov_device)
 
     @classmethod
     def discover(cls) -> list[Executor]:
-        return [cls()] if "CPU" in core().available_devices else []
+        return [cls(device, ov_device=name) for name in core().available_devices
+                if (device := hetero_device(name)) is not None]
 
     def info(self) -> ExecutorInfo:
-        device_name = core().get_property("CPU", "FULL_DEVICE_NAME")
+        device_name = str(core().get_property(self.ov_device, "FULL_DEVICE_NAME"))
+        if self.device.kind == "npu" and self.precision == "fp32":
+            device_name += " (computes in fp16: used where fp16 is allowed)"
         return ExecutorInfo(self.name, self.library, ov.get_version().split("-")[0], str(self.device),
-                            str(device_name), self.threads, self.precision)
+                            device_name, self.threads, self.precision)
 
     def _config(self) -> dict[str, Any]:
-        # A CPU stream is one of several compiled models sharing the cores: pinned, each would
-        # put its threads on the same first cores; the OS spreads them when they are not.
-        return {
-            "INFERENCE_PRECISION_HINT": _PRECISIONS[self.precision],
-            "INFERENCE_NUM_THREADS": self.threads,
-            "PERFORMANCE_HINT": "LATENCY",
-            "ENABLE_CPU_PINNING": self.stream is None,
-        }
+        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": _PRECISIONS[self.precision],
+                                  "PERFORMANCE_HINT": "LATENCY"}
+        if self.device == CPU:
+            # A CPU stream is one of several compiled models sharing the cores: pinned, each would
+            # put its threads on the same first cores; the OS spreads them when they are not.
+            config.update(INFERENCE_NUM_THREADS=self.threads, ENABLE_CPU_PINNING=self.stream is None)
+        return config
 
     def supports_op(self, node: Node, model: Model) -> bool:
         if node.domain not in ("", "ai.onnx", "ai.onnx.ml") or node.since_version is None:
             return False
-        if known_deviation(node, model):
+        if known_deviation(node, model) or (self.device.kind == "npu" and self.precision == "fp32"):
             return False
         def probe() -> bool:
             ov_model = read(model.extract([node]))
-            placed = core().query_model(ov_model, "CPU")
+            placed = core().query_model(ov_model, self.ov_device)
             return all(op.get_friendly_name() in placed for op in ov_model.get_ops()
                        if op.get_type_name() not in _STRUCTURAL_OPS)
 
         return self._probes.ask(model.signature(node), probe)
 
+    def decline_op(self, node: Node, model: Model) -> str:
+        if self.device.kind == "npu" and self.precision == "fp32":
+            return "the NPU computes in fp16 only: allow it with allow_precision='fp16'"
+        return known_deviation(node, model) or super().decline_op(node, model)
+
     def compile(self, part: onnx.ModelProto) -> CompiledPartition:
         try:
-            return _Compiled(core().compile_model(read(part), "CPU", self._config()), part, self.name)
+            compiled = core().compile_model(read(part), self.ov_device, self._config())
+            context = None if self.device == CPU else core().get_default_context(self.ov_device)
+            return _Compiled(compiled, part, self.name, context)
         except Exception as exc:
             text = str(exc)
             culprits = tuple(n.name for n in part.graph.node
                              if n.name in text or any(o and f"{o}>" in text for o in n.output))
             message = f"{self.name} rejected partition {part.graph.name!r}: {text}"
             raise CompileError(message, culprits) from exc
+
+    def to_device(self, array: np.ndarray) -> Any:
+        """Host -> a remote tensor in the device's default context."""
+        if self.device == CPU:
+            return array
+        host = ov.Tensor(_native(np.ascontiguousarray(array)), shared_memory=True)
+        remote = core().get_default_context(self.ov_device).create_tensor(host.get_element_type(),
+                                                                           host.get_shape(), {})
+        remote.copy_from(host)
+        return RemoteArray(remote, host.get_element_type())
+
+    def to_host(self, value: Any) -> np.ndarray:
+        if not isinstance(value, RemoteArray):
+            return value
+        host = ov.Tensor(value.element_type, value.tensor.get_shape())
+        value.tensor.copy_to(host)
+        return np.array(host.data)
+
+
+_probes: dict[str, ProbeAnswers] = {}
+_probes_lock = threading.Lock()
+
+
+def _probe_answers(namespace: str) -> ProbeAnswers:
+    with _probes_lock:
+        return _probes.setdefault(namespace, ProbeAnswers(namespace))

@@ -11,7 +11,7 @@ from hetero.executors import Executor
 from hetero.graph import Model
 from hetero.planner.cost import CostModel, ExecutorProfile, Progress, learn_switches
 from hetero.planner.placement import Capability, Rejections, place_manual, place_priority
-from hetero.planner.plan import HOST, CandidateReport, Partition, Plan, Transfer, build_plan
+from hetero.planner.plan import HOST, CandidateReport, Handoff, Partition, Plan, Transfer, build_plan
 from hetero.planner.search import Candidate, candidates, estimate
 
 POLICIES = ("priority", "manual", "latency", "throughput", "auto")
@@ -79,5 +79,6 @@ def search(model: Model, executors: Sequence[str | Executor] | None = None, *,
 
 
 __all__ = ["HOST", "MEASURED_POLICIES", "POLICIES", "Candidate", "CandidateReport", "Capability",
-           "CostModel", "ExecutorProfile", "Partition", "Plan", "Rejections", "Transfer", "estimate",
+           "CostModel", "ExecutorProfile", "Handoff", "Partition", "Plan", "Rejections", "Transfer",
+           "estimate",
            "learn_switches", "plan", "search"]

@@ -6,7 +6,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from hetero.executors import Executor
+from hetero.executors import Executor, hands_off
 from hetero.graph import Model, Node
 from hetero.planner.partition import partition
 
@@ -51,6 +51,20 @@ class Transfer:
 
 
 @dataclass(frozen=True)
+class Handoff:
+    """A tensor one library made on a device, read there by another library: no copy (DLPack or
+    the CUDA Array Interface), only the producer's synchronization."""
+
+    tensor: str
+    nbytes: int | None
+    space: str
+    source: str
+    target: str
+    producer: int
+    consumer: int
+
+
+@dataclass(frozen=True)
 class CandidateReport:
     """A placement the planner considered: estimated and (when measured) measured ms per request."""
 
@@ -77,6 +91,7 @@ class Plan:
     partition_estimates: dict[int, float] = field(default_factory=dict)
     partition_measured: dict[int, float] = field(default_factory=dict)
     candidates: list[CandidateReport] = field(default_factory=list)
+    handoffs: tuple[Handoff, ...] = ()
 
     @property
     def executors(self) -> list[Executor]:
@@ -144,6 +159,8 @@ class Plan:
         lines += [f"  #{r[0]:<3} {r[1]:<22} {r[2]:>4} nodes  [{r[3]}]  after: {r[4]}"
                   + (f"  est {r[5]} ms, measured {r[6]} ms" if timed else "") for r in parts]
         lines += [f"  transfer {r[0]} ({r[1]}) {r[2]}  {r[3]} -> {r[4]}" for r in transfers]
+        lines += [f"  hand-off {h.tensor} ({_bytes(h.nbytes)}) {h.source} -> {h.target} in {h.space}, "
+                  f"no copy  #{h.producer} -> #{h.consumer}" for h in self.handoffs]
         lines += [f"  candidate {c.name}: est {_ms(c.estimated_ms)} ms, measured {_ms(c.measured_ms)} ms"
                   + (" (chosen)" if c.chosen else "") + (f" - {c.note}" if c.note else "")
                   for c in self.candidates]
@@ -186,10 +203,15 @@ def build_plan(model: Model, assignment: Sequence[Executor], policy: str,
         for out in outputs:
             producer_part[out] = index
     transfers: dict[tuple[str, str], Transfer] = {}
+    handoffs: list[Handoff] = []
     for part in partitions:
         for name in part.inputs:
             source_part = producer_part.get(name)
             source = HOST if source_part is None else partitions[source_part].executor.memory_space
+            if source_part is not None and hands_off(partitions[source_part].executor, part.executor):
+                handoffs.append(Handoff(name, model.tensor(name).nbytes, source,
+                                        partitions[source_part].executor.name, part.executor.name,
+                                        source_part, part.index))
             if source != part.executor.memory_space:
                 transfers.setdefault((name, part.executor.memory_space), Transfer(
                     name, model.tensor(name).nbytes, source, part.executor.memory_space,
@@ -200,4 +222,5 @@ def build_plan(model: Model, assignment: Sequence[Executor], policy: str,
             transfers.setdefault((name, HOST), Transfer(
                 name, model.tensor(name).nbytes, partitions[source_part].executor.memory_space, HOST,
                 source_part, None))
-    return Plan(model, policy, tuple(partitions), tuple(transfers.values()), list(notes))
+    return Plan(model, policy, tuple(partitions), tuple(transfers.values()), list(notes),
+                handoffs=tuple(handoffs))

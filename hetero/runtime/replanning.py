@@ -135,15 +135,15 @@ def measured_replicas(policy: str, samples: list[Feeds]) -> Callable[[Model, lis
     placed: dict[tuple[str, ...], tuple[Model, dict[str, str]]] = {}
 
     def compile_replica(model: Model, executors: list[Executor]) -> Session:
-        libraries = tuple(f"{e.library}@{e.device}" for e in executors)
+        libraries = tuple(f"{e.engine}@{e.device}" for e in executors)
         if libraries not in placed:
             session = tune_latency(model, executors, sample_inputs=samples)
-            chosen = {n.name: f"{e.library}@{e.device}" for n in session.plan.model.nodes
+            chosen = {n.name: f"{e.engine}@{e.device}" for n in session.plan.model.nodes
                       for e in [session.plan.executor_of(n)]}
             placed[libraries] = (session.plan.model, chosen)
             return session
         completed, chosen = placed[libraries]
-        by_library = {f"{e.library}@{e.device}": e.name for e in executors}
+        by_library = {f"{e.engine}@{e.device}": e.name for e in executors}
         assignment = {node: by_library[library] for node, library in chosen.items() if library in by_library}
         return compile_plan(completed, executors, "latency", assignment=assignment)
 

@@ -47,7 +47,7 @@ from hetero.errors import (
     QueueFullError,
     RunError,
 )
-from hetero.executors import CompiledPartition, Executor
+from hetero.executors import CompiledPartition, Executor, hands_off
 from hetero.graph import Model, TensorInfo, load
 from hetero.graph.load import ModelSource
 from hetero.planner import HOST, Plan, Rejections
@@ -66,6 +66,7 @@ class RunStats:
     transfers: int = 0
     transfer_bytes: int = 0
     direct_transfers: int = 0  # device to device, not through host memory (GPU peer copies)
+    handoffs: int = 0  # one library's device tensor read by another on the same device, no copy (DLPack)
     seconds: float = 0.0
 
 
@@ -120,25 +121,37 @@ class _Values:
         self.transfers = 0
         self.transfer_bytes = 0
         self.direct_transfers = 0
+        self.handoffs = 0
 
     def fetch(self, name: str, target: Executor | None) -> Any:
         """`name` in the target's memory space (None: host), moving it there once if needed. A
         fetch that finds the same move under way (a prefetch) waits for it; if that move failed,
         this fetch makes it itself, so the error (if any) is raised where the value is needed."""
         space = HOST if target is None else target.memory_space
+        handoff = False
         while True:
             with self._lock:
                 if self.stopped:
                     raise _Stopped
                 held = self._held[name]
                 if space in held:
-                    return held[space][1]
+                    owner, value = held[space]
+                    if not hands_off(owner, target):
+                        return value
+                    self.handoffs += 1
+                    handoff = True
+                    break
                 moving = self._moving.get((name, space))
                 if moving is None:
                     self._moving[name, space] = threading.Event()
                     owner, value = held.get(HOST) or next(iter(held.values()))
                     break
             moving.wait()  # set when that move ends, or when the request stops
+        if handoff:
+            # Another library's tensor in this device's memory: wrapped, not copied, once its
+            # producer's queued work is done.
+            owner.synchronize()
+            return target.adopt(value)
         start = time.perf_counter()
         try:
             direct = None
@@ -666,6 +679,7 @@ class Session(Requests):
             self.stats.transfers += values.transfers
             self.stats.transfer_bytes += values.transfer_bytes
             self.stats.direct_transfers += values.direct_transfers
+            self.stats.handoffs += values.handoffs
             self.stats.seconds += time.perf_counter() - start
 
     def _fall_back(self, program: _Program, failed: _PartitionFailed, arrays: dict, wanted: list[str],
