@@ -2,12 +2,15 @@
 
     python benchmarks/gpu.py [--models resnet50,mobilenet_v2] [--seconds 5] [--simulate FILE]
 
-1. Latency per library, GPU against CPU: each library with a GPU executor (torch, CuPy) on
-   `cuda:0` against the same library on the host (torch) or ONNX Runtime (CuPy has no host
-   device), median of interleaved rounds, fp32, batch 1.
-2. Replica scaling: the GPU replica alone, a CPU replica alone, and both in one ReplicaPool
+1. Latency per library, GPU against CPU: each library with a GPU executor (torch, CuPy, ONNX
+   Runtime's providers, TensorRT) on `cuda:0` against the same library on the host (torch) or
+   ONNX Runtime's CPU provider, median of interleaved rounds, fp32, batch 1.
+2. GPU engines against each other: TensorRT, ONNX Runtime's TensorRT and CUDA providers, torch
+   and CuPy, each alone on `cuda:0` (nodes it cannot run on ONNX Runtime's CPU provider), and the
+   `latency` policy over all of them (target: at least as fast as TensorRT alone on NanoDet-g).
+3. Replica scaling: the GPU replica alone, a CPU replica alone, and both in one ReplicaPool
    (target: together >= GPU alone + 0.8 x CPU alone).
-3. Transfers, GB/s for 64 MiB, host to device and back: pageable against pinned host memory.
+4. Transfers, GB/s for 64 MiB, host to device and back: pageable against pinned host memory.
 
 With --simulate FILE the simulated cards of a devices file stand in for GPUs (every figure is
 then labelled simulated), so the script runs anywhere.
@@ -22,6 +25,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import onnx
 
 import hetero
 from hetero import executors, zoo
@@ -30,7 +34,12 @@ from hetero.executors import Executor, is_accelerator
 from hetero.graph import example_feeds
 from hetero.runtime.tuning import measure_rate
 
-MODELS = {"resnet50": zoo.resnet50, "mobilenet_v2": zoo.mobilenet_v2, "small_cnn": zoo.small_cnn}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODELS = {"resnet50": zoo.resnet50, "mobilenet_v2": zoo.mobilenet_v2, "small_cnn": zoo.small_cnn,
+          "nanodet": lambda: onnx.load(os.path.join(ROOT, "models", "nanodet-g-coco.onnx"))}
+#: The GPU engines compared on cuda:0, TensorRT first (the others are compared with it).
+ENGINES = ("tensorrt@cuda:0", "onnxruntime/tensorrt@cuda:0", "onnxruntime/cuda@cuda:0", "torch@cuda:0",
+           "cupy@cuda:0")
 SIZE = 64 << 20
 
 
@@ -39,7 +48,7 @@ def gpus() -> list[Executor]:
 
 
 def host_twin(gpu: Executor) -> str:
-    return "torch@cpu" if gpu.library == "torch" else "onnxruntime"
+    return "torch@cpu" if gpu.library == "torch" else "onnxruntime@cpu"
 
 
 def latency(model: hetero.Model, label: str, rounds: int = 10) -> None:
@@ -55,6 +64,31 @@ def latency(model: hetero.Model, label: str, rounds: int = 10) -> None:
                 times[name] += settled_times(lambda s=session: s.run(feeds))
         (g, g_s), (c, c_s) = ((n, statistics.median(t) * 1e3) for n, t in times.items())
         print(f"| {gpu.library} | {g} | {g_s:.2f} | {c} | {c_s:.2f} | {c_s / g_s:.2f} |")
+
+
+def engines(model: hetero.Model, rounds: int = 10) -> None:
+    present = {e.name: e for e in executors.available()}
+    engines = [present[name] for name in ENGINES if name in present]
+    if not engines:
+        print(f"\n### {model.label}: GPU engines\n\nno CUDA engine here: not measured")
+        return
+    feeds = example_feeds(model)
+    sessions = {e.name: hetero.compile(model, [e, "onnxruntime@cpu"]) for e in engines}
+    sessions["hetero latency policy"] = hetero.compile(model, policy="latency")
+    times: dict[str, list[float]] = {name: [] for name in sessions}
+    for _ in range(rounds):
+        for name, session in sessions.items():
+            times[name] += settled_times(lambda s=session: s.run(feeds))
+    ms = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+    first = engines[0].name
+    print(f"\n### {model.label}: GPU engines on cuda:0 (median ms, batch 1, fp32; nodes an engine cannot "
+          "run go to ONNX Runtime's CPU provider)\n")
+    print(f"| engine | ms | nodes on the GPU | {first} / engine |\n|---|---|---|---|")
+    for name, session in sessions.items():
+        on_gpu = sum(len(p.nodes) for p in session.plan.partitions if is_accelerator(p.executor))
+        print(f"| {name} | {ms[name]:.2f} | {on_gpu}/{len(model.nodes)} | {ms[first] / ms[name]:.2f} |")
+    for session in sessions.values():
+        session.close()
 
 
 def scaling(model: hetero.Model, seconds: float, label: str) -> None:
@@ -99,7 +133,8 @@ def copies(gpu: Executor, host: np.ndarray) -> dict[str, tuple[Callable, Callabl
     if gpu.library == "cupy":
         return {"pageable": (lambda: gpu.xp.asarray(host), lambda: gpu.xp.asnumpy(on_gpu)),
                 "pinned (staged)": (lambda: gpu.to_device(host), lambda: gpu.to_host(on_gpu))}
-    return {"simulated link": (lambda: gpu.to_device(host), lambda: gpu.to_host(on_gpu))}
+    kind = "simulated link" if gpu.library == "sim" else "pageable (library's own)"
+    return {kind: (lambda: gpu.to_device(host), lambda: gpu.to_host(on_gpu))}
 
 
 def transfers(label: str) -> None:
@@ -114,7 +149,7 @@ def transfers(label: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="resnet50,mobilenet_v2")
+    parser.add_argument("--models", default="resnet50,mobilenet_v2,nanodet")
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--simulate", help="devices file whose simulated cards stand in for GPUs")
     args = parser.parse_args()
@@ -131,6 +166,7 @@ def main() -> None:
     for name in args.models.split(","):
         model = hetero.load(MODELS[name](), name=name)
         latency(model, label)
+        engines(model)
         scaling(model, args.seconds, label)
     transfers(label)
 

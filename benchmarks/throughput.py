@@ -57,11 +57,12 @@ def overhead(model: hetero.Model, rounds: int = 20) -> None:
     pairs = {}
     libraries = {e.library for e in executors.available()}
     if "onnxruntime" in libraries:
-        pairs["onnxruntime"] = (hetero.compile(model, ["onnxruntime"]),
+        pairs["onnxruntime"] = (hetero.compile(model, ["onnxruntime@cpu"]),
                                 native.onnxruntime_latency(model.proto))
     if "openvino" in libraries:
         try:
-            pairs["openvino"] = (hetero.compile(model, ["openvino"]), native.openvino_latency(model.proto))
+            pairs["openvino"] = (hetero.compile(model, ["openvino@cpu"]),
+                                 native.openvino_latency(model.proto))
         except Exception as exc:
             print(f"  openvino cannot run {model.label} natively: {str(exc).splitlines()[0][:80]}")
     print(f"\n{model.label}: batch-1 latency, Hetero single-executor session vs the library natively "

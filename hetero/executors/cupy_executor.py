@@ -344,13 +344,21 @@ class CupyExecutor(Executor):
             value.get(out=staged)
             return staged.copy()
 
+    def adopt(self, value: Any) -> Any:
+        """Another library's tensor on this GPU as a CuPy array over the same memory (DLPack, else
+        the CUDA Array Interface)."""
+        if not self.on_gpu or isinstance(value, self.xp.ndarray):
+            return value
+        with self.context():
+            return self.xp.from_dlpack(value) if hasattr(value, "__dlpack__") else self.xp.asarray(value)
+
     def copy_from(self, value: Any, source: Executor) -> Any | None:
-        """GPU to GPU without the host when both are CuPy devices (peer copy where the hardware
-        allows, CuPy stages it otherwise)."""
-        if not (self.on_gpu and isinstance(source, CupyExecutor) and source.on_gpu):
+        """GPU to GPU without the host from any CUDA library (peer copy where the hardware allows,
+        CuPy stages it otherwise)."""
+        if not (self.on_gpu and source.memory_space.startswith("cuda:")):
             return None
         with self.context():
-            return self.xp.asarray(value)
+            return self.xp.array(self.adopt(value), copy=True)
 
     def supports_op(self, node: Node, model: Model) -> bool:
         if node.domain != "" or node.since_version is None:

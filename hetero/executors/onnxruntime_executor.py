@@ -367,7 +367,7 @@ def survey() -> tuple[tuple[_Found, ...], tuple[str, ...]]:
     found: list[_Found] = []
     notes: list[str] = []
     available = ort.get_available_providers()
-    for name in available:
+    for name in sorted(available, key=lambda n: n != CPU_PROVIDER.name):  # the CPU provider first
         short = name.removesuffix("ExecutionProvider")
         if name in NOT_DEVICES:
             notes.append(f"{short} provider skipped: {NOT_DEVICES[name]}")
@@ -594,7 +594,8 @@ class OnnxRuntimeExecutor(Executor):
         options = self._options()
         options.intra_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        if self.provider.name != CPU_PROVIDER.name:
+            options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         provider_options = self.provider_options()
         provider_options.pop("trt_engine_cache_enable", None)  # no engine files for one-node probes
         try:

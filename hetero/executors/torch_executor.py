@@ -1312,7 +1312,7 @@ class _Interpreter(CompiledPartition):
         on the host they leave as C-contiguous numpy arrays, as other host libraries expect."""
         if value.untyped_storage().data_ptr() in self._constant_storage:
             value = value.clone()
-        return value.contiguous().numpy() if self._host else value
+        return value.contiguous().numpy() if self._host else value.contiguous()
 
 
 class TorchExecutor(Executor):
@@ -1392,11 +1392,23 @@ class TorchExecutor(Executor):
             return value
         return value.cpu().numpy() if self.device.kind != "cpu" else value.numpy()
 
+    def adopt(self, value: Any) -> Any:
+        """Another library's tensor on this device as a torch tensor over the same memory (DLPack,
+        else the CUDA Array Interface)."""
+        if isinstance(value, torch.Tensor):
+            return value
+        if hasattr(value, "__dlpack__"):
+            return torch.from_dlpack(value)
+        if hasattr(value, "__cuda_array_interface__"):
+            return torch.as_tensor(value, device=self.torch_device)
+        return value
+
     def copy_from(self, value: Any, source: Executor) -> Any | None:
         """GPU to GPU without the host (a peer copy where the GPUs allow, else the driver stages it)."""
-        if self.device.kind != "cuda" or not (isinstance(value, torch.Tensor) and value.is_cuda):
+        if self.device.kind != "cuda" or not source.memory_space.startswith("cuda:"):
             return None
-        return value.to(self.torch_device)
+        value = self.adopt(value)
+        return value.to(self.torch_device) if isinstance(value, torch.Tensor) and value.is_cuda else None
 
     def synchronize(self) -> None:
         """CUDA kernels run asynchronously: wait for this device's, so timings measure executions,
