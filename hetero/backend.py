@@ -62,8 +62,9 @@ class HeteroBackend(Backend):
 
 def suite_configurations() -> dict[str, list | None]:
     """Executor orders the backend suite runs under: the default, each installed library first
-    (the rest after it, numpy last as the exact fallback), and the host twin of the CUDA
-    interpreter, which checks on CI every op the GPU executor claims."""
+    (the rest after it, numpy last as the exact fallback), the host twin of the CUDA interpreter,
+    which checks on CI every op the GPU executor claims, and ONNX Runtime's CPU provider through
+    the device providers' I/O binding path (tensors kept as OrtValues between partitions)."""
     from hetero import executors
     from hetero.executors.cupy_executor import CupyExecutor
 
@@ -72,6 +73,10 @@ def suite_configurations() -> dict[str, list | None]:
     for library in installed:
         configs[library] = [library] + [lib for lib in installed if lib != library]
     configs["cupy-twin"] = [CupyExecutor.on_host(), *installed]
+    if "onnxruntime" in installed:
+        from hetero.executors.onnxruntime_executor import OnnxRuntimeExecutor
+
+        configs["onnxruntime-twin"] = [OnnxRuntimeExecutor.device_twin(), *installed]
     return configs
 
 

@@ -31,6 +31,7 @@ from hetero.executors import onnxruntime_executor as ort_module
 from hetero.executors import openvino_executor as ov_module
 from hetero.executors.onnxruntime_executor import PROVIDERS, OnnxRuntimeExecutor
 from hetero.executors.openvino_executor import OpenVinoExecutor
+from hetero.executors.sim_executor import simulate
 from hetero.executors.torch_executor import TorchExecutor
 from hetero.graph import example_feeds
 from hetero.zoo import small_cnn
@@ -323,7 +324,7 @@ def test_openvino_devices_follow_available_devices(monkeypatch):
     assert found["openvino@gpu:1"].ov_device == "GPU.1" and found["openvino@npu:0"].ov_device == "NPU"
     assert [found[n].memory_space for n in ("openvino@cpu", "openvino@gpu:0", "openvino@gpu:1")] == [
         "cpu", "openvino:gpu:0", "openvino:gpu:1"]
-    assert ov_module.hetero_device("GPU") == Device("gpu", 0)
+    assert hardware.openvino_device("GPU") == Device("gpu", 0) and hardware.openvino_device("AUTO") is None
     gpu_config = found["openvino@gpu:0"]._config()
     assert gpu_config["INFERENCE_PRECISION_HINT"] == "f32" and "INFERENCE_NUM_THREADS" not in gpu_config
     assert executors.variant_of(found["openvino@gpu:0"], "fp16").name == "openvino@gpu:0[fp16]"
@@ -424,3 +425,18 @@ def test_tensorrt_fp16_only_where_allowed_and_accurate(model):
                                rtol=0.05, atol=0.05)
     fp32 = hetero.compile(model, [executor, "onnxruntime@cpu"], policy="latency")
     assert all(p.executor.precision == "fp32" for p in fp32.plan.partitions)
+
+
+def test_device_tensors_reach_a_simulated_card_through_host_memory(model):
+    """OrtValues in the twin's device memory and a simulated card's memory are different spaces
+    with no direct link: each crossing goes through the host once, counted in the plan."""
+    [card] = simulate({"devices": [{"like": "onnxruntime@cpu", "speed": 1.0, "overhead_us": 0}]})
+    twin = OnnxRuntimeExecutor.device_twin()
+    session = hetero.compile(model, [twin, card, "numpy"], policy="manual", affinity={"Conv": card})
+    links = {t.link for t in session.plan.transfers}
+    assert {"onnxruntime:cpu:0 -> cpu", "cpu -> sim:0"} <= links or {"sim:0 -> cpu",
+                                                                      "cpu -> onnxruntime:cpu:0"} <= links
+    feeds = example_feeds(model)
+    np.testing.assert_allclose(session.run(feeds)["logits"], _reference(model, feeds)["logits"],
+                               rtol=1e-4, atol=1e-5)
+    assert session.stats.transfers == len(session.plan.transfers) and session.stats.direct_transfers == 0

@@ -215,6 +215,13 @@ class ProbeAnswers:
         self._answers: dict[str, bool] = {}
         self._lock = threading.Lock()
 
+    @classmethod
+    def shared(cls, namespace: str) -> ProbeAnswers:
+        """The answers of one library version on one kind of device, shared by its executors
+        (every device of that kind, every precision and thread variant)."""
+        with _shared_lock:
+            return _shared.setdefault(namespace, cls(namespace))
+
     def ask(self, key: str, probe: Callable[[], bool]) -> bool:
         """`probe()`'s answer for `key`, probing once; a probe that raises answers no."""
         with self._lock:
@@ -233,6 +240,8 @@ class ProbeAnswers:
         return ok
 
 
+_shared: dict[str, ProbeAnswers] = {}
+_shared_lock = threading.Lock()
 _stored_answers = JsonStore("capability")
 atexit.register(_stored_answers.save)
 

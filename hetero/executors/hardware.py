@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from hetero.executors.base import CPU, Device
+
 _COMPUTE_MAJOR, _COMPUTE_MINOR = 75, 76  # CUdevice_attribute values (CUDA driver API)
 
 
@@ -79,3 +81,13 @@ def cuda_array(value: Any) -> tuple[tuple[int, ...], np.dtype, int]:
     if strides is not None and tuple(strides) != np.empty(shape, dtype).strides:
         raise ValueError(f"a {type(value).__name__} of shape {list(shape)} is not C-contiguous")
     return shape, dtype, int(interface["data"][0])
+
+
+def openvino_device(name: str) -> Device | None:
+    """OpenVINO's device name as Hetero's: CPU -> cpu, GPU / GPU.1 -> gpu:0 / gpu:1, NPU -> npu:0;
+    None for devices Hetero does not drive (virtual ones such as AUTO or HETERO). OpenVINO and
+    ONNX Runtime's OpenVINO provider name devices alike."""
+    kind, _, index = name.partition(".")
+    if kind not in ("CPU", "GPU", "NPU") or (index and not index.isdigit()):
+        return None
+    return CPU if kind == "CPU" else Device(kind.lower(), int(index or 0))

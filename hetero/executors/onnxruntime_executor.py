@@ -248,7 +248,7 @@ class Provider:
     description: str = ""
 
 
-CPU_PROVIDER = Provider("CPUExecutionProvider", "cpu", "cpu", index_option=None,
+CPU_PROVIDER = Provider(_PROVIDER, "cpu", "cpu", index_option=None,
                         description="host CPU (MLAS)")
 #: The execution providers Hetero drives, by ONNX Runtime's name. Options are the documented ones
 #: of each provider; those on devices not at hand here are unverified (see README).
@@ -293,7 +293,7 @@ NOT_DEVICES = {
 }
 #: The I/O binding path of the device providers, run by the CPU provider on OrtValues kept in host
 #: memory (a memory space of their own): what CI checks of that path (`device_twin`).
-TWIN_PROVIDER = Provider("CPUExecutionProvider", "cpu-twin", "cpu", memory="cpu", index_option=None,
+TWIN_PROVIDER = Provider(_PROVIDER, "cpu-twin", "cpu", memory="cpu", index_option=None,
                          description="host CPU, tensors kept as OrtValues (the device path, on the host)")
 #: pip packages of ONNX Runtime; one per environment (they install the same files).
 FLAVOURS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml",
@@ -331,12 +331,6 @@ def _smoke(provider: Provider, options: Mapping[str, str]) -> str | None:
     return None
 
 
-def _openvino_device(ov_name: str) -> Device:
-    """OpenVINO's device names as Hetero's: CPU -> cpu, GPU / GPU.1 -> gpu:0 / gpu:1, NPU -> npu:0."""
-    kind, _, index = ov_name.partition(".")
-    return CPU if kind == "CPU" else Device(kind.lower(), int(index or 0))
-
-
 def _devices(provider: Provider) -> tuple[list[_Found], list[str]]:
     """The devices a provider drives here, and why it drives none when it does not."""
     if provider.kind == "cpu":
@@ -349,8 +343,8 @@ def _devices(provider: Provider) -> tuple[list[_Found], list[str]]:
                  for g in gpus]
     elif provider.kind == "openvino":
         listed = getattr(_pybind_state, "get_available_openvino_device_ids", lambda: ["CPU"])()
-        found = [_Found(provider, _openvino_device(name), {"device_type": name}, f"{name} through OpenVINO")
-                 for name in listed if name.partition(".")[0] in ("CPU", "GPU", "NPU")]
+        found = [_Found(provider, device, {"device_type": name}, f"{name} through OpenVINO")
+                 for name in listed if (device := hardware.openvino_device(name)) is not None]
     else:
         count = sum(1 for d in ort.get_ep_devices() if d.ep_name == provider.name) or 1
         index = provider.index_option
@@ -367,7 +361,7 @@ def survey() -> tuple[tuple[_Found, ...], tuple[str, ...]]:
     found: list[_Found] = []
     notes: list[str] = []
     available = ort.get_available_providers()
-    for name in sorted(available, key=lambda n: n != CPU_PROVIDER.name):  # the CPU provider first
+    for name in sorted(available, key=lambda n: n != _PROVIDER):  # the CPU provider first
         short = name.removesuffix("ExecutionProvider")
         if name in NOT_DEVICES:
             notes.append(f"{short} provider skipped: {NOT_DEVICES[name]}")
@@ -404,14 +398,6 @@ def _memory_space(provider: Provider, device: Device) -> str:
         return str(CPU)
     return str(device) if provider.memory == "cuda" else f"onnxruntime:{provider.memory}:{device.index}"
 
-
-_probes: dict[str, ProbeAnswers] = {}
-_probes_lock = threading.Lock()
-
-
-def _probe_answers(namespace: str) -> ProbeAnswers:
-    with _probes_lock:
-        return _probes.setdefault(namespace, ProbeAnswers(namespace))
 
 
 class _HostSession(CompiledPartition):
@@ -499,13 +485,13 @@ class OnnxRuntimeExecutor(Executor):
         self.device_options = dict(device_options or {})
         self.options = dict(options or {})
         self.description = description or provider.description
-        self.exact = provider.name == CPU_PROVIDER.name  # follows the spec but for known_deviation
+        self.exact = provider.name == _PROVIDER  # follows the spec but for known_deviation
         on_device = provider.memory is not None
         self.exchange_dtypes = NUMPY_NATIVE_TYPES if on_device else NUMPY_NATIVE_TYPES | {"string"}
         namespace = f"onnxruntime={ort.__version__}"
-        if provider.name != CPU_PROVIDER.name:
+        if provider.name != _PROVIDER:
             namespace += f"/{provider.short}/{self.description}"
-        self._probes = _probe_answers(namespace)
+        self._probes = ProbeAnswers.shared(namespace)
 
     @classmethod
     def device_twin(cls) -> OnnxRuntimeExecutor:
@@ -520,13 +506,6 @@ class OnnxRuntimeExecutor(Executor):
     @property
     def memory_space(self) -> str:
         return _memory_space(self.provider, self.device)
-
-    @property
-    def resource(self) -> str:
-        space = self.memory_space
-        if self.provider is TWIN_PROVIDER:  # its own memory, the host's cores
-            return space if self.stream is None else f"{space}#{self.stream}"
-        return super().resource
 
     def variant(self, *, threads: int | None = None, stream: int | None = None,
                 precision: str | None = None) -> Executor:
@@ -582,7 +561,7 @@ class OnnxRuntimeExecutor(Executor):
     def supports_op(self, node: Node, model: Model) -> bool:
         if node.domain not in ("", "ai.onnx.ml", *VENDOR_DOMAINS) or known_deviation(node, model):
             return False
-        if self.provider.name == CPU_PROVIDER.name and not has_kernel(node, model):
+        if self.provider.name == _PROVIDER and not has_kernel(node, model):
             return False
         if self.provider.memory is not None and not _tensors_only(node, model):
             return False
@@ -594,7 +573,7 @@ class OnnxRuntimeExecutor(Executor):
         options = self._options()
         options.intra_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-        if self.provider.name != CPU_PROVIDER.name:
+        if self.provider.name != _PROVIDER:
             options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
         provider_options = self.provider_options()
         provider_options.pop("trt_engine_cache_enable", None)  # no engine files for one-node probes
@@ -608,7 +587,7 @@ class OnnxRuntimeExecutor(Executor):
         if node.domain not in ("", "ai.onnx.ml", *VENDOR_DOMAINS):
             return f"ONNX Runtime does not implement domain {node.domain!r}"
         reason = known_deviation(node, model)
-        if self.provider.name == CPU_PROVIDER.name:
+        if self.provider.name == _PROVIDER:
             reason = kernel_mismatch(node, model) or reason
         if reason:
             return reason

@@ -27,6 +27,7 @@ import openvino as ov
 from onnx import numpy_helper
 
 from hetero.errors import CompileError, ExecutorUnavailableError, RunError
+from hetero.executors import hardware
 from hetero.executors.base import (
     CPU,
     NUMPY_NATIVE_TYPES,
@@ -58,15 +59,6 @@ def core() -> ov.Core:
 
 def read(part: onnx.ModelProto) -> ov.Model:
     return core().read_model(part.SerializeToString(), b"")
-
-
-def hetero_device(ov_name: str) -> Device | None:
-    """OpenVINO's device name as Hetero's: CPU -> cpu, GPU / GPU.1 -> gpu:0 / gpu:1, NPU -> npu:0;
-    None for devices Hetero does not drive (virtual ones such as AUTO or HETERO)."""
-    kind, _, index = ov_name.partition(".")
-    if kind not in ("CPU", "GPU", "NPU") or (index and not index.isdigit()):
-        return None
-    return CPU if kind == "CPU" else Device(kind.lower(), int(index or 0))
 
 
 _CONTROL_FLOW = {"If", "Loop", "Scan"}
@@ -380,7 +372,8 @@ class OpenVinoExecutor(Executor):
                                            f"{', '.join(self.precisions)}, not {precision!r}")
         self.precision = precision
         self.ov_device = ov_device or ("CPU" if host else f"{device.kind.upper()}.{device.index}")
-        self._probes = _probe_answers(f"openvino={ov.get_version()}" + ("" if host else f"/{self.ov_device}"))
+        kind = "" if host else f"/{device.kind}"
+        self._probes = ProbeAnswers.shared(f"openvino={ov.get_version()}{kind}")
 
     @property
     def memory_space(self) -> str:
@@ -395,7 +388,7 @@ class OpenVinoExecutor(Executor):
     @classmethod
     def discover(cls) -> list[Executor]:
         return [cls(device, ov_device=name) for name in core().available_devices
-                if (device := hetero_device(name)) is not None]
+                if (device := hardware.openvino_device(name)) is not None]
 
     def info(self) -> ExecutorInfo:
         device_name = str(core().get_property(self.ov_device, "FULL_DEVICE_NAME"))
@@ -460,11 +453,3 @@ class OpenVinoExecutor(Executor):
         value.tensor.copy_to(host)
         return np.array(host.data)
 
-
-_probes: dict[str, ProbeAnswers] = {}
-_probes_lock = threading.Lock()
-
-
-def _probe_answers(namespace: str) -> ProbeAnswers:
-    with _probes_lock:
-        return _probes.setdefault(namespace, ProbeAnswers(namespace))

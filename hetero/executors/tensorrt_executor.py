@@ -227,7 +227,7 @@ class TensorRTExecutor(Executor):
             raise ExecutorUnavailableError(f"tensorrt: the CUDA driver offers no {device}")
         self.gpu = gpus[device.index]
         major, minor = self.gpu.compute_capability
-        self._probes = _probe_answers(f"tensorrt={trt.__version__}/sm{major}{minor}")
+        self._probes = ProbeAnswers.shared(f"tensorrt={trt.__version__}/sm{major}{minor}")
 
     @classmethod
     def discover(cls) -> list[Executor]:
@@ -384,11 +384,3 @@ def _parse(part: onnx.ModelProto, builder: Any = None) -> tuple[Any, Any, list[t
         errors.append((name, " ".join(str(error.desc()).split())[:300]))
     return network, parser, errors or [("", "the parser gave no reason")]
 
-
-_probes: dict[str, ProbeAnswers] = {}
-_probes_lock = threading.Lock()
-
-
-def _probe_answers(namespace: str) -> ProbeAnswers:
-    with _probes_lock:
-        return _probes.setdefault(namespace, ProbeAnswers(namespace))
