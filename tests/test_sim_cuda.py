@@ -227,7 +227,7 @@ def test_gpu_throughput_policy_gives_the_gpu_one_replica():
 
     gpu = TorchExecutor(Device("cuda", 0))
     model = hetero.load(small_cnn())
-    runner = tune_throughput(model, [gpu, "onnxruntime", "numpy"], seconds=0.5)
+    runner = tune_throughput(model, [gpu, "onnxruntime@cpu", "numpy"], seconds=0.5)
     note = next(n for n in runner.plan.notes if n.startswith("throughput:"))
     assert "1 accelerator replicas" in note
     if isinstance(runner, hetero.ReplicaPool):

@@ -135,8 +135,8 @@ class ReplicaPool(Requests):
         `compile_replica(model, executors)` replaces planning each by `policy` (see
         `hetero.runtime.replanning.measured_replicas`).
 
-        With no `replicas`, every accelerator gets one (its library first, numpy as fallback)
-        and the host libraries one per CPU stream. `cpu_streams` defaults to the number of cores
+        With no `replicas`, every accelerator device gets one (its libraries first, numpy as
+        fallback) and the host libraries one per CPU stream. `cpu_streams` defaults to the number of cores
         (one thread per stream, as OpenVINO's throughput hint does on small hosts).
         """
         named = replica_sessions(model, replicas, cpu_streams=cpu_streams, policy=policy,
@@ -403,16 +403,19 @@ def replica_sessions(model: ModelSource, replicas: Sequence[Sequence[str | Execu
                      ) -> list[tuple[str, Session]]:
     """The replicas `ReplicaPool.build` pools, compiled, each with its name.
 
-    With no `replicas`, every accelerator gets one (its library first, the host libraries as
-    fallback) and the host libraries one per CPU stream (`cpu_streams`, default one per core).
+    With no `replicas`, every accelerator device gets one (every library on it first, the host
+    libraries as fallback) and the host libraries one per CPU stream (`cpu_streams`, default one per core).
     Host libraries use at most `cores` threads in all (default: every core of this process).
     """
     model = load(model)
     if replicas is None:
         available = executor_registry.available()
-        accelerators = [e for e in available if is_accelerator(e)]
+        devices: dict[str, list[Executor]] = {}
+        for executor in available:
+            if is_accelerator(executor):
+                devices.setdefault(str(executor.device), []).append(executor)
         host = [e for e in available if not is_accelerator(e)]
-        replicas = [[e, *host] for e in accelerators] + [host]
+        replicas = [[*on_device, *host] for on_device in devices.values()] + [host]
     cores = cores or default_threads()
     streams = cpu_streams or cores
     named = []

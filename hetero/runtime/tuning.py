@@ -345,9 +345,10 @@ def tune_throughput(model: Model, executors: Sequence[str | Executor] | None, *,
     """Replicas against one pipelined session: the higher measured requests per second wins (on
     representative inputs, as `tune_latency`).
 
-    Replicas are one per accelerator (placed by `latency` on it and the host libraries, once per
-    kind of card) and one per CPU stream (host libraries alone, each stream a slice of the cores).
-    Partitions on one device take turns, so an accelerator gets one replica, never one per stream.
+    Replicas are one per accelerator device (placed by `latency` on its libraries and the host
+    libraries, once per kind of card) and one per CPU stream (host libraries alone, each stream a
+    slice of the cores). Partitions on one device take turns, so a device gets one replica, never
+    one per stream or per library.
     Measured: the accelerators' replicas, the CPU streams', and both together.
     """
     latency_session = tune_latency(model, executors, progress=progress, sample_inputs=sample_inputs,
@@ -388,21 +389,28 @@ def tune_throughput(model: Model, executors: Sequence[str | Executor] | None, *,
 
 def _accelerator_replicas(model: Model, chosen: list[Executor], host: list[Executor], placed: Session,
                           progress: Progress | None) -> list[Session]:
-    """One session per accelerator, on it and the host libraries. Each kind of card (library and
-    device model) is placed by `latency` once; its twins take the same placement."""
+    """One session per accelerator device, on every library there and the host libraries. Each
+    kind of card (libraries and device model) is placed by `latency` once; its twins take the same
+    placement."""
+    devices: dict[str, list[Executor]] = {}
+    for executor in chosen:
+        if is_accelerator(executor):
+            devices.setdefault(str(executor.device), []).append(executor)
     sessions: list[Session] = []
-    placements: dict[tuple[str, str], tuple[str, dict[str, str]]] = {}
-    for card in (e for e in chosen if is_accelerator(e)):
-        kind = (card.library, card.info().device_name)
+    placements: dict[tuple, tuple[list[str], dict[str, str]]] = {}
+    for cards in devices.values():
+        kind = (tuple(c.engine for c in cards), cards[0].info().device_name)
         if kind not in placements:
-            alone = placed if set(placed.plan.executors) <= {card, *host} else tune_latency(
-                model, [card, *host], progress=progress)
-            placements[kind] = (card.name, {n.name: alone.plan.executor_of(n).name for n in model.nodes})
+            alone = placed if set(placed.plan.executors) <= {*cards, *host} else tune_latency(
+                model, [*cards, *host], progress=progress)
+            placements[kind] = ([c.name for c in cards],
+                                {n.name: alone.plan.executor_of(n).name for n in model.nodes})
             if alone is not placed:
                 alone.close()
         first, placement = placements[kind]
-        assignment = {node: card.name if name == first else name for node, name in placement.items()}
-        sessions.append(compile_plan(model, [card, *host], "latency", assignment=assignment))
+        twin = dict(zip(first, (c.name for c in cards), strict=True))
+        assignment = {node: twin.get(name, name) for node, name in placement.items()}
+        sessions.append(compile_plan(model, [*cards, *host], "latency", assignment=assignment))
     return sessions
 
 
