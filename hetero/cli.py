@@ -188,6 +188,11 @@ def _print_plan(plan: hetero.Plan, policy: str | None = None) -> None:
         console.print(moves)
     else:
         console.print("no transfers: every partition shares host memory")
+    if plan.handoffs:
+        handoffs = Table("tensor", "device", "from", "to", title="hand-offs between libraries (no copy)")
+        for h in plan.handoffs:
+            handoffs.add_row(h.tensor, h.space, f"#{h.producer} {h.source}", f"#{h.consumer} {h.target}")
+        console.print(handoffs)
     if plan.candidates:
         candidates = Table("candidate", "est ms", "measured ms", "", title="placements considered")
         for c in plan.candidates:
