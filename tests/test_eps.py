@@ -147,6 +147,8 @@ def test_provider_options_name_the_device_and_keep_fp32(gpu_host):
     assert gpu_host["onnxruntime/openvino@gpu:0"].provider_options()["device_type"] == "GPU.0"
     assert gpu_host["onnxruntime/openvino@gpu:0"].provider_options()["precision"] == "FP32"
     assert gpu_host["onnxruntime/cann@npu:0"].provider_options() == {"device_id": "0"}
+    sized = trt.with_options(trt_max_workspace_size=4 << 30)
+    assert sized.provider_options()["trt_max_workspace_size"] == str(4 << 30) and sized.name == trt.name
 
 
 def test_reduced_precision_is_a_named_variant(gpu_host):

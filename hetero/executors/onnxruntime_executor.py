@@ -513,6 +513,14 @@ class OnnxRuntimeExecutor(Executor):
                           precision=precision or self.precision, device_options=self.device_options,
                           options=self.options, description=self.description)
 
+    def with_options(self, **options: Any) -> OnnxRuntimeExecutor:
+        """The same provider and device with more provider options, by the provider's documented
+        names (`trt_max_workspace_size=4 << 30`, `gpu_mem_limit=...`); they win over Hetero's."""
+        return type(self)(self.device, threads=self.threads, stream=self.stream, provider=self.provider,
+                          precision=self.precision, device_options=self.device_options,
+                          options={**self.options, **{k: str(v) for k, v in options.items()}},
+                          description=self.description)
+
     @classmethod
     def discover(cls) -> list[Executor]:
         return [cls(f.device, provider=f.provider, device_options=f.options, description=f.description)
