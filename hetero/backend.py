@@ -76,7 +76,8 @@ def suite_configurations() -> dict[str, list | None]:
     if "onnxruntime" in installed:
         from hetero.executors.onnxruntime_executor import OnnxRuntimeExecutor
 
-        configs["onnxruntime-twin"] = [OnnxRuntimeExecutor.device_twin(), *installed]
+        others = [lib for lib in installed if lib != "onnxruntime"]  # the twin stands in for the CPU provider
+        configs["onnxruntime-twin"] = [OnnxRuntimeExecutor.device_twin(), *others]
     return configs
 
 

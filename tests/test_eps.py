@@ -442,3 +442,11 @@ def test_device_tensors_reach_a_simulated_card_through_host_memory(model):
     np.testing.assert_allclose(session.run(feeds)["logits"], _reference(model, feeds)["logits"],
                                rtol=1e-4, atol=1e-5)
     assert session.stats.transfers == len(session.plan.transfers) and session.stats.direct_transfers == 0
+
+
+def test_scalars_and_empty_tensors_keep_their_shapes_on_the_device():
+    twin = OnnxRuntimeExecutor.device_twin()
+    for array in (np.float32(1.5), np.array(7, np.int64), np.zeros((0, 3), np.float32)):
+        value = twin.to_device(np.asarray(array))
+        assert tuple(value.shape()) == np.shape(array)
+        assert twin.to_host(value).shape == np.shape(array)

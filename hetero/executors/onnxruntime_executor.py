@@ -621,7 +621,7 @@ class OnnxRuntimeExecutor(Executor):
     def to_device(self, array: np.ndarray) -> Any:
         if self.provider.memory is None:
             return array
-        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.provider.memory,
+        return ort.OrtValue.ortvalue_from_numpy(np.asarray(array, order="C"), self.provider.memory,
                                                 self.device.index)
 
     def to_host(self, value: Any) -> np.ndarray:

@@ -440,7 +440,7 @@ class OpenVinoExecutor(Executor):
         """Host -> a remote tensor in the device's default context."""
         if self.device == CPU:
             return array
-        host = ov.Tensor(_native(np.ascontiguousarray(array)), shared_memory=True)
+        host = ov.Tensor(_native(np.asarray(array, order="C")), shared_memory=True)
         remote = core().get_default_context(self.ov_device).create_tensor(host.get_element_type(),
                                                                            host.get_shape(), {})
         remote.copy_from(host)

@@ -338,7 +338,7 @@ class TensorRTExecutor(Executor):
         return bytes(serialized)
 
     def to_device(self, array: np.ndarray) -> DeviceBuffer:
-        array = np.ascontiguousarray(array)
+        array = np.asarray(array, order="C")
         buffer = DeviceBuffer(array.shape, array.dtype, self.device.index)
         _check(cudart.cudaMemcpy(buffer.pointer, array.ctypes.data, array.nbytes,
                                  cudart.cudaMemcpyKind.cudaMemcpyHostToDevice))
