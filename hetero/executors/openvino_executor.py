@@ -338,9 +338,11 @@ class _Compiled(CompiledPartition):
         """Remote tensors in, and out where the output's shape is known before the run (a fresh
         one per run: the last run's outputs may still be read); others come back to the host."""
         for port, value in zip(self._inputs, inputs, strict=True):
+            if port is None:
+                continue
             if isinstance(value, RemoteArray):
                 request.set_tensor(port.get_any_name(), value.tensor)
-            elif port is not None:
+            else:
                 request.set_tensor(port, ov.Tensor(_native(value), shared_memory=True))
         outputs: list[RemoteArray | None] = []
         for port in self._outputs:
