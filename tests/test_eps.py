@@ -450,3 +450,31 @@ def test_scalars_and_empty_tensors_keep_their_shapes_on_the_device():
         value = twin.to_device(np.asarray(array))
         assert tuple(value.shape()) == np.shape(array)
         assert twin.to_host(value).shape == np.shape(array)
+
+
+class _HostContext:
+    """Stands in for a GPU's remote context (the CPU plugin has none): allocates host tensors."""
+
+    def __init__(self):
+        self.allocated = 0
+
+    def create_tensor(self, element_type, shape, params):
+        self.allocated += 1
+        return ov_module.ov.Tensor(element_type, shape)
+
+
+def test_openvino_device_path_keeps_outputs_in_device_tensors(model):
+    """The GPU/NPU path of a compiled partition, on the CPU plugin with a stand-in context: inputs
+    bound by name, outputs of known shape allocated in the device's context (fresh each run)."""
+    ov = ov_module.ov
+    context = _HostContext()
+    compiled = ov_module._Compiled(ov_module.core().compile_model(ov_module.read(model.proto), "CPU"),
+                                   model.proto, "openvino@gpu:0", context)
+    images = example_feeds(model)["images"]
+    gpu = OpenVinoExecutor(Device("gpu", 0), ov_device="GPU.0")
+    first = compiled([ov_module.RemoteArray(ov.Tensor(images), ov.Type.f32)])[0]
+    second = compiled([images])[0]
+    assert isinstance(first, ov_module.RemoteArray) and context.allocated == 2 and first.shape == (1, 10)
+    reference = _reference(model, {"images": images})["logits"]
+    np.testing.assert_allclose(gpu.to_host(first), reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(gpu.to_host(second), reference, rtol=1e-4, atol=1e-5)
