@@ -249,7 +249,7 @@ def test_gpu_torch_copies_between_gpus_directly():
     assert between and session.stats.direct_transfers == len(between)
 
 
-@pytest.mark.parametrize(("listing", "extras"), [("GPU 0: NVIDIA H100 (UUID: GPU-1)", "dev,cuda"),
+@pytest.mark.parametrize(("listing", "extras"), [("GPU 0: NVIDIA H100 (UUID: GPU-1)", "dev,cuda,tensorrt"),
                                                  ("No devices were found", "dev")])
 def test_setup_adds_the_cuda_extra_only_where_nvidia_smi_lists_a_gpu(tmp_path, listing, extras):
     """scripts/setup's choice of extras, with a stand-in nvidia-smi: CI has none and pulls no CUDA wheels."""
