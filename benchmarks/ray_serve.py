@@ -7,8 +7,9 @@
    asked over gRPC at concurrency 1 in interleaved rounds. Target: what the Ray path adds is no
    more than the round trip of a no-op Ray Serve deployment over HTTP, measured in the same rounds
    (a no-op Ray actor call is shown too).
-2. Routing. Two simulated nodes, a card on each paced to 30 and 10 ms a request (speeds 1 and 3;
-   the pacing sleeps, so the nodes do not share this machine's cores), driven at concurrency 16:
+2. Routing. Two simulated nodes, a card on each paced to 90 and 30 ms a request (speeds 1 and 3;
+   the pacing sleeps, so the nodes do not share this machine's cores, and is long enough that the
+   cores are not what limits the rate), driven at concurrency 16:
    each node alone, then both, through Hetero's pool (speed-aware) and through a Ray Serve
    deployment on the same replicas (its default router: power of two choices by queue length).
    Target: both together >= 0.9x the sum of each alone.
@@ -54,7 +55,7 @@ from hetero.ray.serving import ClusterServer
 from hetero.serve import Server
 
 ROOT = Path(__file__).resolve().parents[1]
-PACE = {"slow": 0.03, "fast": 0.01}  # seconds per request of the simulated cards
+PACE = {"slow": 0.09, "fast": 0.03}  # seconds per request of the simulated cards
 
 
 class Paced(NumpyExecutor):
