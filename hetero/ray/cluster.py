@@ -394,9 +394,11 @@ class Cluster:
                 pools = list(self._pools)
             for pool in pools:
                 built, _ = self._build(pool.spec, started)
-                for remote, name in built:
-                    with contextlib.suppress(HeteroError):  # the pool closed meanwhile
+                try:
+                    for remote, name in built:
                         pool.add(remote, name)
+                except HeteroError:  # the pool closed meanwhile: free what was built for it
+                    self._unload(pool.spec, started)
             with self._lock:
                 for node in started:
                     node.state = DRAINING if node.state == DRAINING else ACTIVE
