@@ -1,12 +1,13 @@
 """Hetero on Ray against Ray Serve, in one run on a local two-node Ray cluster.
 
-    python benchmarks/ray_serve.py [--model mobilenet_v2] [--seconds 5] [--rounds 10]
+    python benchmarks/ray_serve.py [--models small_cnn,mobilenet_v2] [--seconds 5] [--rounds 10]
 
-1. Added latency. A small model served in-host (`hetero serve`) and on the cluster
+1. Added latency. Small models served in-host (`hetero serve`) and on the cluster
    (`hetero serve --ray`), the same repository and config (ONNX Runtime, one CPU stream), both
-   asked over gRPC at concurrency 1 in interleaved rounds. Target: what the Ray path adds is no
-   more than the round trip of a no-op Ray Serve deployment over HTTP, measured in the same rounds
-   (a no-op Ray actor call is shown too).
+   asked over gRPC at concurrency 1 in interleaved rounds: a 32x32 CNN (12 KiB a request) and
+   MobileNetV2 (a 588 KiB image). Target: what the Ray path adds is no more than the round trip of
+   a no-op Ray Serve deployment over HTTP, measured in the same rounds (a no-op Ray actor call is
+   shown too).
 2. Routing. Two simulated nodes, a card on each paced to 90 and 30 ms a request (speeds 1 and 3;
    the pacing sleeps, so the nodes do not share this machine's cores, and is long enough that the
    cores are not what limits the rate), driven at concurrency 16:
@@ -51,6 +52,7 @@ from hetero.executors import CompiledPartition, Device
 from hetero.executors.numpy_executor import NumpyExecutor
 from hetero.graph import example_feeds
 from hetero.ray import Cluster, NodeInfo
+from hetero.ray.cluster import INLINE_BYTES
 from hetero.ray.serving import ClusterServer
 from hetero.serve import Server
 
@@ -143,12 +145,14 @@ def drive(call: Callable[[int], Awaitable], concurrency: int, seconds: float) ->
     return done[0] / elapsed, failed[0]
 
 
-def latency(args: argparse.Namespace, model: onnx.ModelProto) -> None:
+def latency(args: argparse.Namespace, models: dict[str, onnx.ModelProto]) -> None:
     repo = Path(tempfile.mkdtemp(prefix="ray-bench-repo-"))
-    (repo / "m" / "1").mkdir(parents=True)
-    onnx.save(model, repo / "m" / "1" / "model.onnx")
-    (repo / "m" / "config.yaml").write_text("executors: [onnxruntime]\ncpu_streams: 1\n")
-    image = example_feeds(hetero.load(model))["images"]
+    images = {}
+    for name, model in models.items():
+        (repo / name / "1").mkdir(parents=True)
+        onnx.save(model, repo / name / "1" / "model.onnx")
+        (repo / name / "config.yaml").write_text("executors: [onnxruntime]\ncpu_streams: 1\n")
+        images[name] = example_feeds(hetero.load(model))["images"]
     in_host = Server(repo, http_port=0, grpc_port=0).start()
     on_ray = ClusterServer(repo, address=None, http_port=0, grpc_port=0).start()
     serve_port = free_port()
@@ -159,45 +163,49 @@ def latency(args: argparse.Namespace, model: onnx.ModelProto) -> None:
     try:
         clients = {name: grpcclient.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
                    for name, server in (("in-host", in_host), ("ray", on_ray))}
-        tensor = grpcclient.InferInput("images", list(image.shape), "FP32")
-        tensor.set_data_from_numpy(image)
-        reference = clients["in-host"].infer("m", [tensor]).as_numpy("logits")
-        np.testing.assert_allclose(clients["ray"].infer("m", [tensor]).as_numpy("logits"), reference,
-                                   rtol=1e-4, atol=1e-5)
         http = httpx.Client()
-        calls = {
-            "in-host `hetero serve`, gRPC": lambda: clients["in-host"].infer("m", [tensor]),
-            "`hetero serve --ray`, gRPC": lambda: clients["ray"].infer("m", [tensor]),
-            "no-op Ray Serve deployment, HTTP": lambda: http.post(f"http://127.0.0.1:{serve_port}/noop",
-                                                                  content=b"x").raise_for_status(),
-            "no-op Ray actor call": lambda: ray.get(actor.ping.remote()),
-        }
-        times: dict[str, list[float]] = {name: [] for name in calls}
+        calls: dict[tuple[str, str], Callable[[], object]] = {}
+        for name, image in images.items():
+            tensor = grpcclient.InferInput("images", list(image.shape), "FP32")
+            tensor.set_data_from_numpy(image)
+            reference = clients["in-host"].infer(name, [tensor]).as_numpy("logits")
+            np.testing.assert_allclose(clients["ray"].infer(name, [tensor]).as_numpy("logits"), reference,
+                                       rtol=1e-4, atol=1e-5)
+            calls[name, "in-host"] = lambda n=name, t=tensor: clients["in-host"].infer(n, [t])
+            calls[name, "ray"] = lambda n=name, t=tensor: clients["ray"].infer(n, [t])
+        calls["-", "serve"] = lambda: http.post(f"http://127.0.0.1:{serve_port}/noop",
+                                                content=b"x").raise_for_status()
+        calls["-", "actor"] = lambda: ray.get(actor.ping.remote())
+        times: dict[tuple[str, str], list[float]] = {key: [] for key in calls}
         for call in calls.values():  # warm every path
             for _ in range(5):
                 call()
         for _ in range(args.rounds):
-            for name, call in calls.items():
+            for key, call in calls.items():
                 time.sleep(0.05)
                 for _ in range(args.per_round):
                     start = time.perf_counter()
                     call()
-                    times[name].append(time.perf_counter() - start)
+                    times[key].append(time.perf_counter() - start)
         http.close()
     finally:
         serve.delete("noop")
         ray.kill(actor)
         on_ray.stop()
         in_host.stop()
-    medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
-    print(f"\n## Added latency: {args.model}, concurrency 1, {args.rounds} interleaved rounds of "
-          f"{args.per_round}\n")
-    print("| path | median ms | p90 ms |\n|---|---|---|")
-    for name, t in times.items():
-        print(f"| {name} | {medians[name]:.2f} | {np.percentile(t, 90) * 1e3:.2f} |")
-    host, on_ray, noop = (medians[name] for name in list(calls)[:3])
-    print(f"\nadded by the Ray path: {on_ray - host:.2f} ms; a no-op Ray Serve round trip: {noop:.2f} ms "
-          f"-> {'met' if on_ray - host <= noop else 'NOT met'} (target: added <= Serve's round trip)")
+    median = {key: statistics.median(t) * 1e3 for key, t in times.items()}
+    p90 = {key: np.percentile(t, 90) * 1e3 for key, t in times.items()}
+    noop = median["-", "serve"]
+    print(f"\n## Added latency: concurrency 1, gRPC, {args.rounds} interleaved rounds of {args.per_round}\n")
+    print("| model (input) | in-host `hetero serve` ms | `hetero serve --ray` ms | added ms "
+          "| added <= Serve's round trip |\n|---|---|---|---|---|")
+    for name, image in images.items():
+        added = median[name, "ray"] - median[name, "in-host"]
+        print(f"| {name} ({image.nbytes / 1024:.0f} KiB) | {median[name, 'in-host']:.2f} (p90 "
+              f"{p90[name, 'in-host']:.1f}) | {median[name, 'ray']:.2f} (p90 {p90[name, 'ray']:.1f}) | "
+              f"{added:.2f} | {'met' if added <= noop else 'NOT met'} |")
+    print(f"\nno-op Ray Serve deployment over HTTP: {noop:.2f} ms (p90 {p90['-', 'serve']:.1f}); "
+          f"no-op Ray actor call: {median['-', 'actor']:.2f} ms")
 
 
 def routing(args: argparse.Namespace, cluster: Cluster, paces: dict[str, float]) -> None:
@@ -278,8 +286,8 @@ def faults(args: argparse.Namespace, ray_cluster: RayCluster, cluster: Cluster) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mobilenet_v2", choices=["small_cnn", "mobilenet_v2"],
-                        help="the model of the latency part")
+    parser.add_argument("--models", default="small_cnn,mobilenet_v2",
+                        help="zoo models of the latency part, comma-separated")
     parser.add_argument("--seconds", type=float, default=5.0, help="measured seconds per throughput row")
     parser.add_argument("--rounds", type=int, default=10, help="interleaved rounds of the latency part")
     parser.add_argument("--per-round", type=int, default=10, help="requests per path and round")
@@ -289,6 +297,8 @@ def main() -> None:
     parts = set(args.parts.split(","))
     start = time.perf_counter()
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    # what `hetero serve --ray` sets when it connects (see hetero.ray.cluster.INLINE_BYTES)
+    os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
     ray_cluster = RayCluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "labels": {"speed": "slow"}, "resources": {"paced": 1, "slow": 1},
         "include_dashboard": False})
@@ -299,8 +309,7 @@ def main() -> None:
           file=sys.stderr)
     try:
         if "latency" in parts:
-            zoo_model = getattr(zoo, args.model)()
-            latency(args, zoo_model)
+            latency(args, {name: getattr(zoo, name)() for name in args.models.split(",")})
         if parts & {"routing", "faults"}:
             paces = {n["NodeID"]: PACE[n["Labels"]["speed"]] for n in ray.nodes() if n["Alive"]}
             with Cluster(None, poll_s=0.5) as cluster:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from hetero.runtime.session import Feeds, check_feeds, resolve_outputs
 log = logging.getLogger("hetero.ray")
 
 ACTIVE, STARTING, DRAINING, LOST = "active", "starting", "draining", "lost"
+INLINE_BYTES = 16 << 20  # request tensors up to this size travel with the call, not via the object store
 RETRY_S = 10.0  # a node whose worker died or could not start gets a new one after this
 ReplicaSpec = Sequence[Sequence[str | Executor]]
 
@@ -200,6 +202,9 @@ class Cluster:
                  load_timeout_s: float = 900.0, drain_timeout_s: float = 60.0):
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
+            # Ray puts call arguments over 100 KiB in its object store (a copy and a fetch: ~3 ms
+            # for a 600 KB image here); the caller's setting decides, so the front end raises it.
+            os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
             ray.init(address=address or "auto", logging_level=logging.WARNING,
                      **({"include_dashboard": False} if address == "local" else {}))
         self.imports = tuple(imports)
@@ -368,9 +373,13 @@ class Cluster:
         options = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": 0}
         nodes = []
         for info in infos:
+            # Ray runs its workers at niceness 15, to yield to its own daemons; a node's inference
+            # server must not yield to every other process there, so it runs at 0, as Ray's job
+            # drivers do. BLAS threads follow the cores the node gives Ray.
+            environment = {"RAY_worker_niceness": "0", "OMP_NUM_THREADS": str(max(1, info.cores))}
             worker = ray.remote(NodeWorker).options(
                 scheduling_strategy=NodeAffinitySchedulingStrategy(info.id, soft=False),
-                runtime_env={"env_vars": {"OMP_NUM_THREADS": str(max(1, info.cores))}}, **options,
+                runtime_env={"env_vars": environment}, **options,
             ).remote(info.cores, self.imports)
             nodes.append(_Node(info, worker))
         with self._lock:
