@@ -238,12 +238,13 @@ def _hard_swish(node: Node) -> Kernel:
 
 @_op("Softplus", dtypes=_WIDE)
 def _softplus(node: Node) -> Kernel:
-    return lambda x: torch.log(torch.exp(x) + 1)
+    """log(exp(x) + 1) without overflowing for x beyond 88 (float32)."""
+    return lambda x: torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 @_op("Mish", dtypes=_WIDE, since=18)
 def _mish(node: Node) -> Kernel:
-    return lambda x: x * torch.tanh(torch.log(torch.exp(x) + 1))
+    return lambda x: x * torch.tanh(torch.logaddexp(x, torch.zeros((), dtype=x.dtype, device=x.device)))
 
 
 @_op("ThresholdedRelu", dtypes=_FLOATS, since=10)
