@@ -130,8 +130,9 @@ def _resize_deviates(node: Node, model: Model) -> bool:
 
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float16), np.dtype(np.float64))
-#: Ops whose int64 outputs are indices or sizes of tensors, far below 2^31: shape arithmetic.
-_SIZE_SOURCES = {"Shape", "Size", "NonZero", "ArgMax", "ArgMin", "TopK", "NonMaxSuppression", "Unique"}
+#: Op outputs (by position; None: all) that are indices or sizes of tensors, far below 2^31.
+_SIZE_SOURCES = {"Shape": None, "Size": None, "NonZero": None, "ArgMax": None, "ArgMin": None, "TopK": {1},
+                 "NonMaxSuppression": None, "Unique": {1, 2, 3}}
 #: Index inputs: only values within a tensor's extent are valid, so none beyond 2^31 is.
 _INDEX_INPUTS = {("Gather", 1), ("GatherElements", 1), ("GatherND", 1)}
 #: Constant inputs OpenVINO reads as 64-bit when converting (INT64_MAX as "to the end").
@@ -179,7 +180,7 @@ def _within_int32(name: str, model: Model, seen: dict[str, bool], depth: int) ->
         small = constant.size == 0 or bool(np.all(np.abs(constant.astype(np.float64)) < _INT32))
     elif producer is None or depth > 64:
         small = False
-    elif producer.op_type in _SIZE_SOURCES:
+    elif _is_size(producer, name):
         small = True
     elif producer.op_type in ("Cast", "CastLike") and model.tensor(producer.inputs[0]).dtype in _FLOATS:
         small = False
@@ -188,6 +189,11 @@ def _within_int32(name: str, model: Model, seen: dict[str, bool], depth: int) ->
                     if model.tensor(i).dtype == np.dtype(np.int64))
     seen[name] = small
     return small
+
+
+def _is_size(node: Node, name: str) -> bool:
+    positions = _SIZE_SOURCES.get(node.op_type, ())
+    return positions is None or node.outputs.index(name) in positions
 
 
 def _safe_divisor(node: Node, model: Model) -> bool:
