@@ -193,7 +193,7 @@ class _Partition(CompiledPartition):
                 buffer = DeviceBuffer(shape, trt.nptype(engine.engine.get_tensor_dtype(name)), index)
                 context.set_tensor_address(name, buffer.pointer)
                 outputs.append(buffer)
-            if not context.execute_async_v3(int(stream)):
+            if not context.execute_async_v3(stream):
                 raise RunError("TensorRT failed to enqueue the engine")
             _check(cudart.cudaStreamSynchronize(stream))
             return outputs
