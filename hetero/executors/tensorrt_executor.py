@@ -9,9 +9,10 @@ precision, partition and shapes; a build shows its progress on stderr.
 Precision is fp32 (TF32 off where TensorRT has the switch). `tensorrt@cuda:0[fp16]` is the
 explicit fp16 opt-in, used only where the user allows fp16 and the outputs stay within the
 tolerance of the accuracy check (`allow_precision`): its partitions are converted to fp16 before
-parsing (inputs and outputs stay fp32), as TensorRT 11 wants it (strongly typed networks; the
-builder's FP16 flag of TensorRT 10 is gone). int8 is explicit quantization: QuantizeLinear /
-DequantizeLinear nodes in the model itself, which TensorRT runs in int8 at any precision.
+parsing (inputs and outputs stay fp32), as TensorRT 11 wants it: networks are strongly typed
+(TensorRT 11 knows no other kind and has no FP16 builder flag; TensorRT 10 is asked for them too),
+so each tensor keeps the partition's type. int8 is explicit quantization: QuantizeLinear / DequantizeLinear nodes in the model itself, which TensorRT runs in
+int8 at any precision.
 
 Capability is asked of the parser: a node is taken when the node alone parses. Tensors live in
 `DeviceBuffer`s allocated with the CUDA runtime (cuda-python), which other libraries on the same
@@ -50,6 +51,8 @@ GPU0 = Device("cuda", 0)
 #: Ops whose output shapes depend on the values computed (TensorRT needs an output allocator).
 _DATA_DEPENDENT = {"NonZero", "NonMaxSuppression", "Unique"}
 _EXCHANGE = frozenset({"float", "float16", "int8", "uint8", "int32", "int64", "bool"})
+#: Networks keep the partition's types (TensorRT 11 knows no other kind; 10 is asked for it).
+_STRONGLY_TYPED = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
 
 
 def _check(result: Any) -> Any:
@@ -372,7 +375,7 @@ def _parse(part: onnx.ModelProto, builder: Any = None) -> tuple[Any, Any, list[t
     """Parse a partition into a TensorRT network: (network, parser, [(node name, error)...]); the
     error list is empty when TensorRT reads the whole partition."""
     builder = builder or trt.Builder(_LOGGER)
-    network = builder.create_network(0)
+    network = builder.create_network(_STRONGLY_TYPED)
     parser = trt.OnnxParser(network, _LOGGER)
     if parser.parse(part.SerializeToString()):
         return network, parser, []
