@@ -11,8 +11,8 @@ explicit fp16 opt-in, used only where the user allows fp16 and the outputs stay 
 tolerance of the accuracy check (`allow_precision`): its partitions are converted to fp16 before
 parsing (inputs and outputs stay fp32), as TensorRT 11 wants it: networks are strongly typed
 (TensorRT 11 knows no other kind and has no FP16 builder flag; TensorRT 10 is asked for them too),
-so each tensor keeps the partition's type. int8 is explicit quantization: QuantizeLinear / DequantizeLinear nodes in the model itself, which TensorRT runs in
-int8 at any precision.
+so each tensor keeps the partition's type. int8 is explicit quantization: QuantizeLinear /
+DequantizeLinear nodes in the model itself, which TensorRT runs in int8 at any precision.
 
 Capability is asked of the parser: a node is taken when the node alone parses. Tensors live in
 `DeviceBuffer`s allocated with the CUDA runtime (cuda-python), which other libraries on the same
