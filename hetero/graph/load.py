@@ -11,6 +11,7 @@ import graphlib
 import os
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +43,9 @@ MAX_OPSET = onnx.defs.onnx_opset_version()
 ModelSource = str | os.PathLike | bytes | bytearray | memoryview | onnx.ModelProto | Model
 
 
-def _known_domains() -> set[str]:
-    return {s.domain for s in onnx.defs.get_all_schemas_with_history()} | {"", "ai.onnx"}
+@cache
+def _known_domains() -> frozenset[str]:
+    return frozenset({s.domain for s in onnx.defs.get_all_schemas_with_history()} | {"", "ai.onnx"})
 
 
 def load(source: ModelSource, *, name: str | None = None, fold: bool = True) -> Model:
@@ -245,7 +247,9 @@ def _infer_shapes(proto: onnx.ModelProto, label: str) -> onnx.ModelProto:
             raise InvalidModelError(f"model {label!r} failed shape inference: {_first_line(exc)}") from exc
 
     inferred = infer(proto)
-    vendor = domains.vendor_domains()
+    own = _known_domains() | kernels.domains() | {f.domain for f in inferred.functions}
+    # Asking which libraries implement a domain imports them all: only for a domain nothing else has.
+    vendor = domains.vendor_domains() if any(n.domain not in own for n in inferred.graph.node) else {}
     custom = [n for n in inferred.graph.node if n.domain in kernels.domains() or n.domain in vendor]
     for node in custom:
         known = {vi.name: vi for vi in (*inferred.graph.value_info, *inferred.graph.input,
