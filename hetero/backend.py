@@ -61,17 +61,20 @@ class HeteroBackend(Backend):
 
 
 def suite_configurations() -> dict[str, list | None]:
-    """Executor orders the backend suite runs under: the default, each installed library first
-    (the rest after it, numpy last as the exact fallback), the host twin of the CUDA interpreter,
+    """Executor orders the backend suite runs under: the default, each other installed library
+    first (the rest after it, numpy last as the exact fallback), the host twin of the CUDA interpreter,
     which checks on CI every op the GPU executor claims, and ONNX Runtime's CPU provider through
     the device providers' I/O binding path (tensors kept as OrtValues between partitions)."""
     from hetero import executors
     from hetero.executors.cupy_executor import CupyExecutor
 
     installed = [lib.library for lib in executors.libraries() if lib.executors]
+    default = [e.library for e in executors.available()]
     configs: dict[str, list | None] = {"default": None}
     for library in installed:
-        configs[library] = [library] + [lib for lib in installed if lib != library]
+        order = [library] + [lib for lib in installed if lib != library]
+        if order != list(dict.fromkeys(default)):  # the default order is run once, as "default"
+            configs[library] = order
     configs["cupy-twin"] = [CupyExecutor.on_host(), *installed]
     if "onnxruntime" in installed:
         from hetero.executors.onnxruntime_executor import OnnxRuntimeExecutor

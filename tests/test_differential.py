@@ -224,3 +224,20 @@ def test_every_executor_on_edge_and_generated_cases(library, edge_cases):
     assert not _not_exact(exactness.run(edge_cases, executor))
     results = exactness.run(exactness.generated_cases(), executor)
     assert not [r for r in _not_exact(results) if r[1] != "no truth"]
+
+
+@pytest.mark.parametrize("library", LIBRARIES)
+def test_bernoulli_draws_by_its_probabilities(library):
+    """Random draws cannot be compared value by value: p of 0 and 1 give 0 and 1 exactly, p = 0.25
+    gives ones at that rate (10,000 draws: 0.25 +- 0.02 is over 4 standard deviations)."""
+    executor = _executor(library)
+    p = np.array([0, 1] * 8 + [0.25] * 10_000, np.float32)
+    proto, feeds = exactness.node_model("Bernoulli", 15, {"p": p})
+    got = exactness.run_on(executor, hetero.load(proto, fold=False), feeds)
+    if isinstance(got, str):
+        pytest.skip(f"{executor.name} {got}")
+    draws = np.asarray(got[0])
+    assert draws.dtype == np.float32 and draws.shape == p.shape
+    assert np.array_equal(draws[:16], p[:16])
+    assert set(np.unique(draws)) <= {0.0, 1.0}
+    assert abs(draws[16:].mean() - 0.25) < 0.02

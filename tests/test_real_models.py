@@ -129,6 +129,35 @@ def test_sample_inputs_let_the_measured_policies_plan():
         runner.close()
 
 
+def test_replicas_of_the_throughput_policy_plan_on_the_callers_inputs_too(monkeypatch):
+    """A whole-model plan with a card in it: the CPU-stream replicas are placed by a planning of
+    their own, on the caller's samples, not on made-up ones that cannot run."""
+    from hetero.executors import resolve
+    from hetero.executors.sim_executor import simulate
+    from hetero.runtime import tuning
+
+    proto = _vad_like()
+    card = simulate({"devices": [{"like": "onnxruntime", "speed": 4}]})
+    feeds = {"input": np.linspace(-1, 1, 512, dtype=np.float32)[None], "sr": np.array(16000, np.int64)}
+    placed = hetero.compile(proto, [*card, *HOST])  # priority: the card takes every node
+    assert card[0] in placed.plan.executors
+    planned_on = []
+
+    def tune_latency(*args, **kwargs):
+        planned_on.append(kwargs.get("sample_inputs"))
+        return latency(*args, **kwargs)
+
+    latency = tuning.tune_latency
+    monkeypatch.setattr(tuning, "tune_latency", tune_latency)
+    monkeypatch.setattr(tuning, "default_threads", lambda: 2)
+    replicas = _no_warnings(lambda: tuning._stream_replicas(
+        placed.plan.model, resolve(HOST), placed, None, {"sample_inputs": feeds, "input_shapes": None}))
+    assert planned_on == [feeds] and len(replicas) == 2
+    for replica in (*replicas, placed):
+        np.testing.assert_array_equal(replica.run(feeds)["out"], feeds["input"])
+        replica.close()
+
+
 def test_input_shapes_give_the_profile_to_plan_on():
     nodes = [helper.make_node("Reshape", ["x", "rows"], ["y"])]  # needs a multiple of 300 elements
     proto = _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "n"])],

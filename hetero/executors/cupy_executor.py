@@ -255,7 +255,9 @@ class _Interpreted(CompiledPartition):
                     raise RunError(f"{self._executor.name} failed on node {name!r} of partition "
                                    f"{self._label!r}: {exc}") from exc
                 values.update(zip(outs, results, strict=False))
-        return [values[n] for n in self.output_names]
+            # numpy turns 0-d results into scalars where CuPy keeps arrays: the host twin's
+            # outputs are arrays as the GPU's are.
+            return [self._executor.xp.asarray(values[n]) for n in self.output_names]
 
 
 class CupyExecutor(Executor):

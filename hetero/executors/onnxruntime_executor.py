@@ -204,6 +204,9 @@ def known_deviation(node: Node, model: Model) -> str | None:
         return "max mode takes the max of weighted samples, not of bilinear values"
     if op == "Scan" and node.since_version >= 9 and _empty_scan(node, model):
         return "a scan over zero steps fails at run time"
+    if op == "Bernoulli":
+        # ONNX's own function body, Greater(RandomUniformLike(p), p), which ONNX Runtime expands.
+        return "draws 1 with probability 1 - p, not p"
     if op == "Dropout" and given[2]:
         return "training-mode masks come from another random generator"
     if op == "Attention" and attrs.get("is_causal", 0):

@@ -18,6 +18,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -359,8 +360,11 @@ def tune_throughput(model: Model, executors: Sequence[str | Executor] | None, *,
     chosen = executor_registry.resolve(executors)
     feeds = representative(model, sample_inputs, input_shapes)[0]
     host = [e for e in chosen if not is_accelerator(e)]
-    cards = _accelerator_replicas(model, chosen, host, latency_session, progress)
-    streams = _stream_replicas(model, host, latency_session, progress) if default_threads() > 1 else []
+    inputs = {"sample_inputs": sample_inputs, "input_shapes": input_shapes}
+    cards = _accelerator_replicas(model, chosen, host, latency_session, progress, inputs)
+    streams = []
+    if default_threads() > 1:
+        streams = _stream_replicas(model, host, latency_session, progress, inputs)
     options: list[tuple[str, Session | ReplicaPool]] = [("one session, pipelined", latency_session)]
     if cards:
         options.append((f"{len(cards)} accelerator replicas", ReplicaPool(cards)))
@@ -388,10 +392,10 @@ def tune_throughput(model: Model, executors: Sequence[str | Executor] | None, *,
 
 
 def _accelerator_replicas(model: Model, chosen: list[Executor], host: list[Executor], placed: Session,
-                          progress: Progress | None) -> list[Session]:
+                          progress: Progress | None, inputs: dict[str, Any]) -> list[Session]:
     """One session per accelerator device, on every library there and the host libraries. Each
-    kind of card (libraries and device model) is placed by `latency` once; its twins take the same
-    placement."""
+    kind of card (libraries and device model) is placed by `latency` once (on the caller's
+    representative `inputs`); its twins take the same placement."""
     devices: dict[str, list[Executor]] = {}
     for executor in chosen:
         if is_accelerator(executor):
@@ -402,7 +406,7 @@ def _accelerator_replicas(model: Model, chosen: list[Executor], host: list[Execu
         kind = (tuple(c.engine for c in cards), cards[0].info().device_name)
         if kind not in placements:
             alone = placed if set(placed.plan.executors) <= {*cards, *host} else tune_latency(
-                model, [*cards, *host], progress=progress)
+                model, [*cards, *host], progress=progress, **inputs)
             placements[kind] = ([c.name for c in cards],
                                 {n.name: alone.plan.executor_of(n).name for n in model.nodes})
             if alone is not placed:
@@ -415,12 +419,14 @@ def _accelerator_replicas(model: Model, chosen: list[Executor], host: list[Execu
 
 
 def _stream_replicas(model: Model, host: list[Executor], placed: Session,
-                     progress: Progress | None) -> list[Session]:
-    """One session per CPU stream, each on the host libraries' variants for that stream."""
+                     progress: Progress | None, inputs: dict[str, Any]) -> list[Session]:
+    """One session per CPU stream, each on the host libraries' variants for that stream (placed
+    by `latency` on the caller's representative `inputs`)."""
     if not host:
         return []
     on_host = placed if set(placed.plan.executors) <= set(host) else tune_latency(model, host,
-                                                                                    progress=progress)
+                                                                                    progress=progress,
+                                                                                    **inputs)
     placement = {n.name: on_host.plan.executor_of(n).name for n in model.nodes}
     if on_host is not placed:
         on_host.close()
