@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import logging
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -48,6 +47,7 @@ from ray.cluster_utils import Cluster as RayCluster
 
 import hetero
 from hetero import zoo
+from hetero.bench.serving import free_port
 from hetero.executors import CompiledPartition, Device
 from hetero.executors.numpy_executor import NumpyExecutor
 from hetero.graph import example_feeds
@@ -113,12 +113,6 @@ class NoOp:
 class NoOpActor:
     def ping(self) -> None:
         return None
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def drive(call: Callable[[int], Awaitable], concurrency: int, seconds: float) -> tuple[float, int]:

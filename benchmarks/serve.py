@@ -18,10 +18,6 @@ import argparse
 import asyncio
 import os
 import resource
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
@@ -36,6 +32,7 @@ import tritonclient.http.aio as httpaio
 from tritonclient.grpc import service_pb2
 
 from hetero import zoo
+from hetero.bench.serving import serve
 from hetero.runtime import ReplicaPool
 
 CONCURRENCY = (1, 8, 16, 32)
@@ -77,28 +74,6 @@ def in_process(pool: ReplicaPool, images: list[np.ndarray], seconds: float, tall
         tally.requests += sum(1 for _ in pool.map(frames))
     tally.seconds += time.perf_counter() - start
     tally.cpu += cpu_seconds() - cpu
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(repo: Path) -> tuple[subprocess.Popen, dict[str, int]]:
-    port, grpc_port = free_port(), free_port()
-    process = subprocess.Popen([sys.executable, "-m", "hetero.cli", "serve", str(repo), "--port", str(port),
-                                "--grpc-port", str(grpc_port), "--log-level", "warning"])
-    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
-    deadline = time.time() + 300
-    while True:
-        try:
-            if client.is_server_ready():
-                return process, {"http": port, "grpc": grpc_port}
-        except Exception:
-            if process.poll() is not None or time.time() > deadline:
-                raise RuntimeError("the server did not start") from None
-        time.sleep(0.2)
 
 
 def grpc_sender(port: int, images: list[np.ndarray]) -> tuple[Callable[[int], Awaitable], Callable]:
@@ -170,23 +145,19 @@ def measure(args: argparse.Namespace, repo: Path, pool: ReplicaPool, model: onnx
         config += (f"max_batch_size: {args.max_batch_size}\n"
                    f"dynamic_batching: {{max_queue_delay_microseconds: {args.delay_us}}}\n")
     (repo / "model" / "config.yaml").write_text(config)
-    process, ports = start_server(repo)
     rows = []
-    try:
-        check(ports["grpc"], model, args.executors.split(","), images[0])
+    with serve(repo) as server:
+        check(server.grpc_port, model, args.executors.split(","), images[0])
+        port = server.grpc_port if args.protocol == "grpc" else server.http_port
         piece = args.seconds / args.slices
         for concurrency in CONCURRENCY:
             served, local = Tally(), Tally()
             for _ in range(args.slices):  # in turns, as the load of a shared host drifts
-                port = ports[args.protocol]
-                asyncio.run(drive(args.protocol, port, process.pid, images, concurrency, piece, served))
+                asyncio.run(drive(args.protocol, port, server.pid, images, concurrency, piece, served))
                 in_process(pool, images, piece, local)
             rows.append((concurrency, served, local))
             print(f"  batching {'on ' if batching else 'off'} c={concurrency:<3} {served.rate:7.1f} req/s, "
                   f"in-process {local.rate:7.1f}", flush=True)
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.wait(60)
     return rows
 
 

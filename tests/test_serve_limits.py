@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx
 import numpy as np
-import onnx
 import pytest
-from onnx import TensorProto, helper
 
+from hetero.bench.serving import identity_repository
 from hetero.serve import Server
 
 tritonhttp = pytest.importorskip("tritonclient.http")
@@ -23,20 +22,9 @@ tritongrpc = pytest.importorskip("tritonclient.grpc")
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 
-def _identity(root: Path) -> Path:
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "identity",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
-    (root / "identity" / "1").mkdir(parents=True)
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
-              root / "identity" / "1" / "model.onnx")
-    (root / "identity" / "config.yaml").write_text("executors: [onnxruntime]\ncpu_streams: 1\n")
-    return root
-
-
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _identity(tmp_path_factory.mktemp("limits"))
+    return identity_repository(tmp_path_factory.mktemp("limits"))
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +137,7 @@ def test_keep_alive_http_has_no_nagle_delay(server: Server) -> None:
 def test_connection_flood_past_the_file_limit(tmp_path: Path) -> None:
     """The issue's case: a server limited to 256 files, 300 connections that send nothing. It keeps
     serving once their header time is up, and logs a handful of lines, not a storm of tracebacks."""
-    _identity(tmp_path)
+    identity_repository(tmp_path)
     script = ("import resource, sys, time\n"
               "hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]\n"
               "resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))\n"

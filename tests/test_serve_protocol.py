@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,6 +16,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from hetero.bench.serving import identity_repository, json_infer_body, memory_kib, reset_peak, serve
 from hetero.serve import Server
 from hetero.serve.protocol import DATATYPES
 
@@ -46,13 +45,6 @@ def _identity_all(datatypes: list[str]) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _big() -> onnx.ModelProto:
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "big",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n"])])
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-
-
 def _save(root: Path, name: str, model: onnx.ModelProto, config: str = "executors: [onnxruntime]\n"
           "cpu_streams: 1\n") -> None:
     (root / name / "1").mkdir(parents=True)
@@ -65,7 +57,7 @@ def server(tmp_path_factory: pytest.TempPathFactory):
     root = tmp_path_factory.mktemp("types")
     _save(root, "all_types", _identity_all(list(ONNX_TYPES)))
     _save(root, "typed", _identity_all(list(TYPED)))  # every datatype with gRPC typed contents
-    _save(root, "big", _big())
+    identity_repository(root, "big")
     with Server(root, http_port=0, grpc_port=0, max_request_bytes=64 << 20) as running:
         yield running
 
@@ -286,23 +278,13 @@ def test_clients_learn_nothing_of_the_host(server: Server, tmp_path: Path) -> No
 
 
 def test_one_big_json_request_in_bounded_memory_while_live(tmp_path: Path) -> None:
-    """The server in a process of its own: a 40 MiB JSON request costs at most 6x its size in peak RSS,
-    and /v2/health/live answers while it is parsed."""
-    _save(tmp_path, "big", _big())
-    script = ("import sys, time; from hetero.serve import Server\n"
-              "s = Server(sys.argv[1], http_port=0, grpc_port=0, max_request_bytes=256 << 20).start()\n"
-              "print(s.http_port, flush=True); time.sleep(600)\n")
-    process = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
-                               text=True)
-    try:
-        port = int(process.stdout.readline())
-        count = 4_000_000
-        body = (b'{"inputs": [{"name": "x", "datatype": "FP32", "shape": [%d], "data": [' % count
-                + b"0.123456789, " * (count - 1) + b"1]}], \"outputs\": [{\"name\": \"y\", "
-                b"\"parameters\": {\"binary_data\": true}}]}")
-        status = Path(f"/proc/{process.pid}/status")
-        rss = _kib(status.read_text(), "VmRSS")
-        Path(f"/proc/{process.pid}/clear_refs").write_text("5")  # restart the peak (VmHWM) from now
+    """`hetero serve` in a process of its own: a 50 MB JSON request costs at most 6x its size in peak
+    RSS, and /v2/health/live answers while it is parsed."""
+    body = json_infer_body(52_000_000)
+    with serve(identity_repository(tmp_path, "big")) as server:
+        port = server.http_port
+        rss = memory_kib(server.pid)
+        reset_peak(server.pid)
         live: list[float] = []
         done = threading.Event()
 
@@ -321,13 +303,6 @@ def test_one_big_json_request_in_bounded_memory_while_live(tmp_path: Path) -> No
             done.set()
             prober.join()
         assert response.status_code == 200, response.text[:300]
-        peak = _kib(status.read_text(), "VmHWM")
-        assert (peak - rss) * 1024 <= 6 * len(body), (peak - rss, len(body) // 1024)
-        assert max(live) < 2.0, max(live)  # was 7.7 s for a 57 MiB body when parsed on the event loop
-    finally:
-        process.kill()
-        process.wait()
-
-
-def _kib(status: str, field: str) -> int:
-    return int(re.search(rf"^{field}:\s+(\d+) kB", status, re.M).group(1))
+        peak = memory_kib(server.pid, "VmHWM")
+    assert (peak - rss) * 1024 <= 6 * len(body), (peak - rss, len(body) // 1024)
+    assert max(live) < 2.0, max(live)  # was 7.7 s for a 57 MiB body when parsed on the event loop
