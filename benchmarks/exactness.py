@@ -220,7 +220,9 @@ def _single_node(test: Any) -> bool:
 @cache
 def backend_tests(modules: tuple[str, ...] | None = None) -> tuple[Any, ...]:
     """The onnx wheel's node test cases (all of them, about 16 s to generate, or those of some
-    modules of `onnx.backend.test.case.node`), single-node ones in the default domain."""
+    modules of `onnx.backend.test.case.node`), single-node ones in the default domain. A module
+    makes its cases on first import only: after that (the whole suite loaded, say) this returns
+    every case made so far, so pick by op as well."""
     from onnx.backend.test.case import node as cases
 
     with warnings.catch_warnings(), np.errstate(all="ignore"):

@@ -165,7 +165,7 @@ def test_reduced_precision_is_a_named_variant(gpu_host):
 
 def test_names_resolve_by_engine_device_and_precision(gpu_host, monkeypatch):
     library = executors.Library("onnxruntime", "onnxruntime", tuple(gpu_host.values()))
-    monkeypatch.setattr(executors, "libraries", lambda refresh=False: [library])
+    monkeypatch.setattr(executors, "library", lambda name, refresh=False: {"onnxruntime": library}.get(name))
 
     def names(spec):
         return sorted(e.name for e in executors.resolve(spec))

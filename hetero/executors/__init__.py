@@ -7,11 +7,12 @@ installed is reported with the pip extra that installs it, never as a crash.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata
 import threading
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from hetero import domains
@@ -57,7 +58,16 @@ class Library:
 
 
 _lock = threading.Lock()
-_libraries: list[Library] | None = None
+_found: dict[str, Library] = {}
+
+
+def _loaders() -> dict[str, Callable[[], type[Executor]]]:
+    """Each library's executor class loader, built-in ones first, then plugins' entry points."""
+    loaders: dict[str, Callable[[], type[Executor]]] = {lib: functools.partial(_load_class, lib)
+                                                        for lib in BUILTIN}
+    for ep in importlib.metadata.entry_points(group="hetero.executors"):
+        loaders.setdefault(ep.name, ep.load)
+    return loaders
 
 
 def _load_class(library: str) -> type[Executor]:
@@ -65,7 +75,7 @@ def _load_class(library: str) -> type[Executor]:
     return getattr(importlib.import_module(module_name), class_name)
 
 
-def _discover(library: str, cls_loader) -> Library:
+def _discover(library: str, cls_loader: Callable[[], type[Executor]]) -> Library:
     extra = EXTRAS.get(library, library)
     try:
         cls = cls_loader()
@@ -79,17 +89,21 @@ def _discover(library: str, cls_loader) -> Library:
     return Library(library, extra, executors, notes=notes)
 
 
+def library(name: str, refresh: bool = False) -> Library | None:
+    """One executor library as found here (discovered on first use, then cached: naming one
+    library imports that library alone), or None when Hetero knows no library of that name."""
+    loader = _loaders().get(name)
+    if loader is None:
+        return None
+    with _lock:
+        if name not in _found or refresh:
+            _found[name] = _discover(name, loader)
+        return _found[name]
+
+
 def libraries(refresh: bool = False) -> list[Library]:
     """Every executor library Hetero knows of, installed or not (cached after the first call)."""
-    global _libraries
-    with _lock:
-        if _libraries is None or refresh:
-            found = [_discover(lib, lambda lib=lib: _load_class(lib)) for lib in BUILTIN]
-            for ep in importlib.metadata.entry_points(group="hetero.executors"):
-                if ep.name not in BUILTIN:
-                    found.append(_discover(ep.name, ep.load))
-            _libraries = found
-        return list(_libraries)
+    return [library(name, refresh) for name in _loaders()]
 
 
 def available() -> list[Executor]:
@@ -156,12 +170,10 @@ def _resolve_one(spec: str | Executor) -> list[Executor]:
         return [spec]
     engine, _, rest = spec.partition("@")
     device, _, variant = rest.partition("[")
-    library = engine.partition("/")[0]
-    known = {lib.library: lib for lib in libraries()}
-    lib = known.get(library)
+    lib = library(engine.partition("/")[0])
     if lib is None:
         raise ExecutorUnavailableError(
-            f"unknown executor {spec!r}; known libraries: {', '.join(sorted(known))}")
+            f"unknown executor {spec!r}; known libraries: {', '.join(sorted(_loaders()))}")
     if not lib.installed:
         raise ExecutorUnavailableError(f"executor {spec!r} is not available: {library} {lib.error}")
     matches = [e for e in lib.executors if not device or str(e.device) == device]

@@ -74,15 +74,19 @@ def build_app(server: Server) -> FastAPI:
 
     private = APIRouter(dependencies=[Depends(authorize)])
 
-    async def body(request: Request, reservation: Reservation) -> bytes:
+    async def body(request: Request, reservation: Reservation) -> bytes | bytearray:
         """The request body, refused past `max_request_bytes` (413), `body_timeout_s` (408) or the
-        server's budget of bytes in flight (503; each byte counts twice, body and decoded tensors)."""
+        server's budget of bytes in flight (503; each byte counts twice, body and decoded tensors).
+        A body of declared length is received straight into one buffer: chunks joined afterwards
+        would hold it twice."""
         limit = server.max_request_bytes
         declared = request.headers.get("content-length", "")
+        buffer = None
         if declared.isdigit():
             if int(declared) > limit:
                 raise ServeError(f"request body of {declared} bytes exceeds the limit of {limit} bytes", 413)
             reservation.grow(2 * int(declared))
+            buffer = bytearray(int(declared))
         chunks, size = [], 0
         try:
             async with asyncio.timeout(server.body_timeout_s):
@@ -90,6 +94,9 @@ def build_app(server: Server) -> FastAPI:
                     size += len(chunk)
                     if size > limit:
                         raise ServeError(f"request body exceeds the limit of {limit} bytes", 413)
+                    if buffer is not None:
+                        buffer[size - len(chunk):size] = chunk
+                        continue
                     if size > reservation.nbytes // 2:
                         reservation.grow(2 * size - reservation.nbytes)
                     chunks.append(chunk)
@@ -97,6 +104,10 @@ def build_app(server: Server) -> FastAPI:
             raise ServeError(f"request body not received within {server.body_timeout_s:g} s", 408) from None
         except ClientDisconnect:
             raise ServeError(f"the client disconnected after {size} bytes of the body") from None
+        if buffer is not None:
+            if size != int(declared):
+                raise ServeError(f"request body of {size} bytes does not match its Content-Length {declared}")
+            return buffer
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def small_body(request: Request, schema: type[BaseModel]) -> Any:
@@ -248,7 +259,7 @@ def _cut_numbers(text: memoryview) -> tuple[bytes | memoryview, list[memoryview]
     return b"".join([*pieces, text[done:]]), spans
 
 
-def _parse(data: bytes, header_length: str | None) -> tuple[dict[str, Any], list[InferInput]]:
+def _parse(data: bytes | bytearray, header_length: str | None) -> tuple[dict[str, Any], list[InferInput]]:
     """The JSON header and the inputs (binary tensor data extension: the header's length given)."""
     view = memoryview(data)
     if header_length is None:
