@@ -8,7 +8,7 @@
    MobileNetV2 (a 588 KiB image). Target: what the Ray path adds is no more than the round trip of
    a no-op Ray Serve deployment over HTTP, measured in the same rounds (a no-op Ray actor call is
    shown too).
-2. Routing. Two simulated nodes, a card on each paced to 90 and 30 ms a request (speeds 1 and 3;
+2. Routing. Two simulated nodes, a card on each paced to 90 and 30 ms a request (`--pace-ms`; speeds 1 and 3;
    the pacing sleeps, so the nodes do not share this machine's cores, and is long enough that the
    cores are not what limits the rate), driven at concurrency 16:
    each node alone, then both, through Hetero's pool (speed-aware) and through a Ray Serve
@@ -287,7 +287,9 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=10, help="requests per path and round")
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--parts", default="latency,routing,faults")
+    parser.add_argument("--pace-ms", default="90,30", help="the slow and the fast card's ms a request")
     args = parser.parse_args()
+    PACE["slow"], PACE["fast"] = (float(ms) / 1e3 for ms in args.pace_ms.split(","))
     parts = set(args.parts.split(","))
     start = time.perf_counter()
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])

@@ -244,3 +244,14 @@ def test_bernoulli_draws_by_its_probabilities(library):
     assert np.array_equal(draws[:16], p[:16])
     assert set(np.unique(draws)) <= {0.0, 1.0}
     assert abs(draws[16:].mean() - 0.25) < 0.02
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 5), (2, 3, 4, 5), (1, 2, 3, 4, 5)])
+def test_global_max_pool_reduces_every_spatial_axis(shape):
+    # onnx.reference reduced the last two axes: the channels too for 3-D input (magika, tf2onnx).
+    x = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    pooled = [*shape[:2], *[1] * (len(shape) - 2)]
+    proto, feeds = exactness.node_model("GlobalMaxPool", 1, {"x": x},
+                                        output_types={"y0": (np.float32, pooled)})
+    got = exactness.run_on(NUMPY, hetero.load(proto, fold=False), feeds)[0]
+    np.testing.assert_array_equal(got, x.max(axis=tuple(range(2, len(shape))), keepdims=True))

@@ -283,6 +283,14 @@ class Concat(_Fix):
         return (np.concatenate(inputs, axis=1 if axis is None else axis),)
 
 
+class GlobalMaxPool(_Fix):
+    """The max over every spatial axis (2 onwards); the reference takes the last two axes, which
+    for a 3-D input (magika's tf2onnx export) is the channel axis too, and for 5-D misses one."""
+
+    def _run(self, x):
+        return (x.max(axis=tuple(range(2, x.ndim)), keepdims=True),)
+
+
 class Tile(_Fix):
     """Tile-1 repeats along one axis (inputs x, tiles, axis); the reference knows only -6's repeats."""
 
@@ -379,5 +387,5 @@ def strings_as_objects(value: Any) -> Any:
 
 
 EXACT_OPS: list[type[OpRun]] = [
-    BatchNormalization, Resize, Upsample, StringNormalizer, Loop, Scan, Concat, Tile, Cast, RoiAlign,
-    Optional, GRU, GridSample, *(_legacy(name) for name in _LEGACY_BROADCAST)]
+    BatchNormalization, Resize, Upsample, StringNormalizer, Loop, Scan, Concat, GlobalMaxPool, Tile, Cast,
+    RoiAlign, Optional, GRU, GridSample, *(_legacy(name) for name in _LEGACY_BROADCAST)]
