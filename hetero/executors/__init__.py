@@ -61,8 +61,10 @@ _lock = threading.Lock()
 _found: dict[str, Library] = {}
 
 
+@functools.cache
 def _loaders() -> dict[str, Callable[[], type[Executor]]]:
-    """Each library's executor class loader, built-in ones first, then plugins' entry points."""
+    """Each library's executor class loader, built-in ones first, then plugins' entry points (read
+    once: scanning the installed packages' metadata takes milliseconds)."""
     loaders: dict[str, Callable[[], type[Executor]]] = {lib: functools.partial(_load_class, lib)
                                                         for lib in BUILTIN}
     for ep in importlib.metadata.entry_points(group="hetero.executors"):
@@ -92,6 +94,8 @@ def _discover(library: str, cls_loader: Callable[[], type[Executor]]) -> Library
 def library(name: str, refresh: bool = False) -> Library | None:
     """One executor library as found here (discovered on first use, then cached: naming one
     library imports that library alone), or None when Hetero knows no library of that name."""
+    if refresh:
+        _loaders.cache_clear()
     loader = _loaders().get(name)
     if loader is None:
         return None
@@ -103,6 +107,8 @@ def library(name: str, refresh: bool = False) -> Library | None:
 
 def libraries(refresh: bool = False) -> list[Library]:
     """Every executor library Hetero knows of, installed or not (cached after the first call)."""
+    if refresh:
+        _loaders.cache_clear()
     return [library(name, refresh) for name in _loaders()]
 
 
