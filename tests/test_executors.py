@@ -42,3 +42,11 @@ def test_third_party_executors_arrive_through_entry_points(monkeypatch):
     finally:
         monkeypatch.undo()
         executors.libraries(refresh=True)
+
+
+def test_library_not_installed_is_named_in_the_error(monkeypatch):
+    monkeypatch.setitem(executors._found, "openvino",
+                        executors.Library("openvino", "openvino", (), "not installed (openvino); hint"))
+    with pytest.raises(hetero.ExecutorUnavailableError) as raised:
+        executors.resolve(["openvino@cpu"])
+    assert str(raised.value) == "executor 'openvino@cpu' is not available: openvino not installed (openvino); hint"

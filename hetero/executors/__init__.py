@@ -181,7 +181,7 @@ def _resolve_one(spec: str | Executor) -> list[Executor]:
         raise ExecutorUnavailableError(
             f"unknown executor {spec!r}; known libraries: {', '.join(sorted(_loaders()))}")
     if not lib.installed:
-        raise ExecutorUnavailableError(f"executor {spec!r} is not available: {library} {lib.error}")
+        raise ExecutorUnavailableError(f"executor {spec!r} is not available: {lib.library} {lib.error}")
     matches = [e for e in lib.executors if not device or str(e.device) == device]
     if "/" in engine or device:
         named = [e for e in matches if e.engine == engine]
