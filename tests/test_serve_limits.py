@@ -173,3 +173,13 @@ def test_connection_flood_past_the_file_limit(tmp_path: Path) -> None:
         process.kill()
         _, errors = process.communicate(timeout=30)
     assert errors.count("\n") < 20 and "Traceback" not in errors, errors[:3000]
+
+
+def test_content_length_with_thousands_of_leading_zeros(server: Server) -> None:
+    """The HTTP parser takes any number of leading zeros; the body is then read as declared."""
+    body = b'{"inputs":[{"name":"x","datatype":"FP32","shape":[1],"data":[7]}]}'
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                     b"Content-Length: %s%d\r\n\r\n" % (b"0" * 5000, len(body)) + body)
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'"data":[7.0]}]}'), reply
