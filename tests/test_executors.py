@@ -49,4 +49,5 @@ def test_library_not_installed_is_named_in_the_error(monkeypatch):
                         executors.Library("openvino", "openvino", (), "not installed (openvino); hint"))
     with pytest.raises(hetero.ExecutorUnavailableError) as raised:
         executors.resolve(["openvino@cpu"])
-    assert str(raised.value) == "executor 'openvino@cpu' is not available: openvino not installed (openvino); hint"
+    assert str(raised.value) == ("executor 'openvino@cpu' is not available: openvino not installed "
+                                 "(openvino); hint")

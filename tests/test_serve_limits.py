@@ -183,3 +183,33 @@ def test_content_length_with_thousands_of_leading_zeros(server: Server) -> None:
                      b"Content-Length: %s%d\r\n\r\n" % (b"0" * 5000, len(body)) + body)
         reply = _read_all(sock)
     assert reply.startswith(b"HTTP/1.1 200") and reply.endswith(b'"data":[7.0]}]}'), reply
+
+
+def test_body_timeout_closes_the_connection(repo: Path) -> None:
+    """Clients dribbling their bodies get a 408 and lose their connections, though they keep sending:
+    they would hold every connection slot for as long as their declared bodies last."""
+    with Server(repo, http_port=0, grpc_port=0, max_connections=2, body_timeout_s=0.3) as running:
+        slow = [socket.create_connection(("127.0.0.1", running.http_port), timeout=10) for _ in range(2)]
+        replies = [b"", b""]
+        try:
+            for sock in slow:
+                sock.sendall(b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: x\r\n"
+                             b"Content-Length: 1000\r\n\r\n")
+                sock.setblocking(False)
+            deadline = time.monotonic() + 4
+            while time.monotonic() < deadline and not all(r.endswith(b"\0") for r in replies):
+                for index, sock in enumerate(slow):
+                    try:
+                        sock.send(b" ")
+                        replies[index] += sock.recv(4096) or b"\0"  # \0: closed by the server
+                    except BlockingIOError:
+                        pass
+                    except OSError:
+                        replies[index] += b"\0"
+                time.sleep(0.05)
+        finally:
+            for sock in slow:
+                sock.close()
+        for reply in replies:
+            assert reply.startswith(b"HTTP/1.1 408") and reply.endswith(b"\0"), reply
+        np.testing.assert_array_equal(_infer(running, np.arange(3, dtype=np.float32)), np.arange(3))

@@ -214,7 +214,9 @@ def build_app(server: Server) -> FastAPI:
 
     @app.exception_handler(HeteroError)
     async def refused(request: Request, exc: HeteroError) -> Response:
-        return _json({"error": public_message(exc)}, http_status(exc))
+        status = http_status(exc)  # a 408 closes the connection (RFC 9110): its client could dribble on
+        closing = {"connection": "close"} if status == 408 else None
+        return _json({"error": public_message(exc)}, status, closing)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> Response:
