@@ -3,6 +3,7 @@ connections, request bytes across all requests; and keep-alive HTTP without Nagl
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -213,3 +214,14 @@ def test_body_timeout_closes_the_connection(repo: Path) -> None:
         for reply in replies:
             assert reply.startswith(b"HTTP/1.1 408") and reply.endswith(b"\0"), reply
         np.testing.assert_array_equal(_infer(running, np.arange(3, dtype=np.float32)), np.arange(3))
+
+
+@pytest.mark.parametrize("length", [b"-5", b"abc", b"99999999999999999999999999999"])
+def test_malformed_content_length_is_a_json_400(server: Server, length: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(b"POST /v2/models/identity/infer HTTP/1.1\r\nHost: x\r\nContent-Length: %s\r\n\r\n{}"
+                     % length)
+        reply = _read_all(sock)
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head, reply
+    assert json.loads(body) == {"error": "Invalid HTTP request received."}, reply

@@ -8,6 +8,7 @@ file descriptors, its memory or its other clients.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import threading
 from typing import Any
@@ -107,6 +108,12 @@ class HttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._stop_header_timer()
         super().on_headers_complete()
+
+    def send_400_response(self, msg: str) -> None:
+        """The HTTP parser's refusal (a malformed request line, header or body framing) as the
+        protocol's JSON error, not uvicorn's plain text."""
+        self.transport.write(_response(b"400 Bad Request", json.dumps({"error": msg}).encode()))
+        self.transport.close()
 
     def _start_header_timer(self) -> None:
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._headers_timed_out)
