@@ -10,10 +10,12 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 _BUSY_TIMEOUT_S = 30.0  # how long a writer waits for another process's write to finish
+_SCHEMA = "CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
 
 def cache_dir() -> Path:
@@ -48,8 +50,19 @@ class JsonStore:
         if opened is not None and opened[0] == (path, os.getpid()):
             return opened[1]
         connection = sqlite3.connect(path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
-        connection.execute("PRAGMA journal_mode=WAL")
-        connection.execute("CREATE TABLE IF NOT EXISTS entries (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        deadline = time.monotonic() + _BUSY_TIMEOUT_S
+        # SQLite answers "locked" at once, without its busy wait, while another process creates
+        # the same database or switches it to WAL: retry until the busy timeout.
+        while True:
+            try:
+                connection.execute("PRAGMA journal_mode=WAL")
+                connection.execute(_SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    connection.close()
+                    raise
+                time.sleep(0.01)
         self._local.opened = (path, os.getpid()), connection
         return connection
 
