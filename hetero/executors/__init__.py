@@ -96,20 +96,24 @@ def library(name: str, refresh: bool = False) -> Library | None:
     library imports that library alone), or None when Hetero knows no library of that name."""
     if refresh:
         _loaders.cache_clear()
-    loader = _loaders().get(name)
-    if loader is None:
-        return None
-    with _lock:
-        if name not in _found or refresh:
-            _found[name] = _discover(name, loader)
-        return _found[name]
+    return _library(name, refresh)
 
 
 def libraries(refresh: bool = False) -> list[Library]:
     """Every executor library Hetero knows of, installed or not (cached after the first call)."""
     if refresh:
         _loaders.cache_clear()
-    return [library(name, refresh) for name in _loaders()]
+    return [_library(name, refresh) for name in _loaders()]
+
+
+def _library(name: str, rediscover: bool) -> Library | None:
+    loader = _loaders().get(name)
+    if loader is None:
+        return None
+    with _lock:
+        if name not in _found or rediscover:
+            _found[name] = _discover(name, loader)
+        return _found[name]
 
 
 def available() -> list[Executor]:
