@@ -426,7 +426,11 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
           simulate: SimulateOption = None,
           ray: Annotated[str | None, typer.Option(
               "--ray", help="Run the models on a Ray cluster: 'local' (a single-node Ray started here), "
-              "'auto' or the head's ADDRESS.")] = None) -> None:
+              "'auto' or the head's ADDRESS.")] = None,
+          ray_groups: Annotated[str, typer.Option(
+              help="How each node's devices split into workers: 'node' (one worker per node), 'device' "
+              "(one per accelerator device and one for the host) or device groups, 'cuda:0,cuda:1;cpu' "
+              "('cpu': the host libraries).")] = "node") -> None:
     """Serve a model repository over KServe v2 (HTTP and gRPC) until SIGTERM or Ctrl-C."""
     _simulate(simulate)
     try:
@@ -445,7 +449,8 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
         else:
             from hetero.ray.serving import ClusterServer
 
-            ClusterServer(repository, address=ray, imports=imports or (), **options).serve_forever()
+            ClusterServer(repository, address=ray, groups=ray_groups, imports=imports or (),
+                          **options).serve_forever()
     except (hetero.HeteroError, OSError, ImportError, ConnectionError) as exc:
         _fail(exc)
 
@@ -453,27 +458,38 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
 @app.command()
 def cluster(address: Annotated[str, typer.Argument(
         help="The Ray cluster: 'auto' (the one this machine belongs to) or the head's ADDRESS.")] = "auto",
-            ) -> None:
+            groups: Annotated[str, typer.Option(
+                "--groups", help="Also show the workers `serve --ray-groups GROUPS` makes on each node: "
+                "'device' or 'cuda:0,cuda:1;cpu'.")] = "node") -> None:
     """List every node of a Ray cluster with its devices and executors (what `serve --ray` uses)."""
     try:
         from hetero.ray import probe
     except ImportError as exc:
         _fail(exc)
     try:
-        nodes = probe(address)
-    except (ConnectionError, RuntimeError) as exc:
+        nodes = probe(address, groups=groups)
+    except (hetero.HeteroError, ConnectionError, RuntimeError) as exc:
         _fail(exc)
-    table = Table("node", "address", "cores", "device", "executor", "library", "version",
-                  title=f"Ray cluster: {len(nodes)} nodes")
+    grouped = any("groups" in node for node in nodes)
+
+    def group(row: dict) -> list[str]:
+        return [row.get("group") or "-"] if grouped else []
+
+    table = Table("node", "address", "cores", *(["group"] if grouped else []), "device", "executor",
+                  "library", "version", title=f"Ray cluster: {len(nodes)} nodes")
     for node in nodes:
         where = (node["node"], node["address"], str(node.get("cores", "-")))
         if "error" in node:
-            table.add_row(*where, "-", f"[red]{escape(node['error'])}[/]", "-", "-")
+            table.add_row(*where, *group({}), "-", f"[red]{escape(node['error'])}[/]", "-", "-")
         for row in node.get("executors", []):
-            table.add_row(*where, f"{row['device']} ({row['description']})", row["executor"], row["library"],
-                          row["version"])
+            table.add_row(*where, *group(row), f"{row['device']} ({row['description']})", row["executor"],
+                          row["library"], row["version"])
             where = ("", "", "")
     console.print(table)
+    for node in nodes:
+        for group in node.get("groups", []):
+            console.print(f"{node['node']}/{group['group']}: a worker on {', '.join(group['devices'])}, "
+                          f"host libraries on {group['threads']} thread(s)")
     for node in nodes:
         for library, error in node.get("missing", {}).items():
             console.print(f"{node['node']}: [yellow]{library}[/]: {escape(error or 'no device found')}")

@@ -1,6 +1,7 @@
 """Hetero on a real Ray cluster on this machine (`ray.cluster_utils.Cluster`): nodes with their own
 resources and labels, replicas of different speeds (paced stub executors, or other libraries),
-nodes that join, drain and die under load. One cluster serves the whole module."""
+nodes that join, drain and die under load, nodes split into device groups (a node with two
+simulated cards). One Ray cluster serves the whole module."""
 
 from __future__ import annotations
 
@@ -57,6 +58,14 @@ def cluster(ray_cluster):
 
 
 @pytest.fixture(scope="module")
+def grouped(ray_cluster):
+    """Hetero on the same nodes, a worker per device group: the head's host; the card node's
+    sim:0, sim:1 and host."""
+    with hetero.ray.Cluster(None, groups="device", poll_s=0.2) as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
 def model() -> hetero.Model:
     return hetero.load(small_cnn())
 
@@ -109,7 +118,7 @@ def test_results_equal_session_run_on_every_node(cluster, model, reference) -> N
     libraries = {str(SLOW): "onnxruntime", str(FAST): "numpy"}
     with cluster.deploy(model, lambda node: [[libraries[node.labels["pace"]]]]) as pool:
         assert sorted(name.split("/")[1] for name in pool.plans) == ["numpy@cpu", "onnxruntime@cpu"]
-        assert {r.session.node.info.name for r in pool.replicas} == {n.name for n in cluster.nodes()}
+        assert {r.session.worker.info.name for r in pool.replicas} == {n.name for n in cluster.nodes()}
         requests = _requests(model, 8)
         for replica in pool.replicas:  # each node's replica, asked directly
             for feeds in requests[:2]:
@@ -118,6 +127,120 @@ def test_results_equal_session_run_on_every_node(cluster, model, reference) -> N
             _close(got, reference.run(feeds))
         with pytest.raises(hetero.InputError, match="no input 'x'"):
             pool.run({"x": np.zeros(1, np.float32)})
+
+
+def test_device_groups_split_a_node_and_its_host_cores(monkeypatch) -> None:
+    from hetero.executors.numpy_executor import NumpyExecutor
+    from hetero.ray import node
+    from hetero.ray.cluster import _groups
+
+    executors = [StubExecutor(0), StubExecutor(1), NumpyExecutor()]
+    monkeypatch.setattr(hetero.executors, "available", lambda: executors)
+    monkeypatch.setattr(node, "default_threads", lambda: 16)
+    split = node.device_groups
+    cards = [(("stub:0",), 1), (("stub:1",), 1)]  # each card's worker: the host libraries on one thread
+    assert split("device", 8) == [*cards, (("cpu",), 6)]  # the host's: the cores left
+    assert split("device", 2) == [*cards, (("cpu",), 1)]  # at least one
+    assert split("device", 0) == [*cards, (("cpu",), 14)]  # 0: all of the node's
+    assert split([["stub:0", "stub:1"], ["cpu"]], 8) == [(("stub:0", "stub:1"), 1), (("cpu",), 7)]
+    assert split([["stub:1", "cpu"], ["stub:0"]], 8) == [(("stub:1", "cpu"), 7), (("stub:0",), 1)]
+    assert split([["stub:0", "cuda:0"], ["cuda:1"]], 8) == [(("stub:0",), 1)]  # what this node has
+    assert _groups("cuda:0, cuda:1;cpu") == (("cuda:0", "cuda:1"), ("cpu",))
+    assert _groups("node") is None and _groups(None) is None and _groups("device") == "device"
+    with pytest.raises(hetero.HeteroError, match="cuda:0 in two groups"):
+        _groups("cuda:0;cuda:0,cpu")
+    with pytest.raises(hetero.HeteroError, match="a group names no device"):
+        _groups("cuda:0;;cpu")
+
+
+def _on_cards(node: hetero.ray.NodeInfo):
+    """Each card's replica and a host one where the simulated cards are, a host one elsewhere (only
+    the libraries named are imported: a group's worker keeps what is on its devices)."""
+    cards = [["sim@sim:0", "numpy"], ["sim@sim:1", "numpy"]] if node.labels["pace"] == str(FAST) else []
+    return [*cards, ["numpy"]]
+
+
+def _group_workers(cluster: hetero.ray.Cluster) -> dict[tuple[str, str], dict]:
+    return {(w["node"], w["group"]): w for w in cluster.describe(devices=False)}
+
+
+@pytest.mark.slow  # its own workers: each node lists its devices first (every library imported)
+def test_one_worker_per_device_group_each_on_its_own_devices(grouped, model, reference) -> None:
+    cards = next(n for n in grouped.nodes() if n.labels["pace"] == str(FAST)).name  # the sim cards' node
+    workers = _group_workers(grouped)
+    assert sorted(workers) == sorted([(n.name, "cpu") for n in grouped.nodes()] + [(cards, "sim:0"),
+                                                                                   (cards, "sim:1")])
+    assert all(w["state"] == "active" for w in workers.values()), workers
+    assert len({w["pid"] for w in workers.values()}) == 4  # a process each
+    assert all(w["cores"] == 1 for w in workers.values())  # one-core nodes: a card's fallback, and the host
+    with grouped.deploy(model, _on_cards) as pool:
+        for replica in pool.figures():
+            node, group, executors = replica["replica"].split("/")
+            assert (node, group) == (replica["node"], replica["group"])
+            on_cards = {e.split("@")[1] for e in executors.split("+")} - {"cpu"}
+            assert on_cards == ({group} if group != "cpu" else set()), replica  # its group's card alone
+        assert sorted((r["node"], r["group"]) for r in pool.figures()) == sorted(workers)
+        requests = _requests(model, 12)
+        for got, feeds in zip(pool.map(requests), requests, strict=True):
+            _close(got, reference.run(feeds))
+
+
+@pytest.mark.slow
+def test_a_group_worker_that_dies_is_replaced_and_the_others_are_left_be(grouped, model, reference,
+                                                                          monkeypatch) -> None:
+    monkeypatch.setattr(hetero.ray.cluster, "RETRY_S", 1.0)
+    with grouped.deploy(model, _on_cards) as pool:
+        first = [lane for lane in pool.replicas if lane.session.worker.group == "sim:0"]
+        [node_id] = {lane.session.worker.info.id for lane in first}
+        before = _group_workers(grouped)
+        load = Load(pool, model)
+        _wait_for(lambda: sum(lane.served for lane in first) >= 2, 60, "the sim:0 group to serve")
+        ray.kill(first[0].session.worker.actor)  # the card's worker process dies; its node lives on
+        again = lambda: [lane for lane in pool.on_node(node_id)  # noqa: E731
+                         if lane.session.worker.group == "sim:0" and lane not in first]
+        _wait_for(lambda: any(lane.served for lane in again()), 120, "a new sim:0 worker to serve")
+        answered = load.stop()
+        after = _group_workers(grouped)
+        described = {(w["node"], w["group"]): w for w in grouped.describe()}
+    for feeds, got in answered:
+        _close(got, reference.run(feeds))
+    assert not any(lane.live for lane in first)
+    others = [lane for lane in pool.replicas if lane not in first and lane not in again()]
+    assert others and all(lane.live and not lane.failed for lane in others)  # no other group touched
+    card = next(key for key in before if key[1] == "sim:0")
+    assert after[card]["pid"] != before[card]["pid"]
+    assert all(after[key]["pid"] == before[key]["pid"] for key in before if key != card)
+    executors = {group: {e["executor"]: e["threads"] for e in described[card[0], group]["executors"]}
+                 for group in ("sim:0", "cpu")}
+    assert "sim@sim:0" in executors["sim:0"] and "sim@sim:1" not in executors["sim:0"]
+    assert executors["sim:0"]["numpy@cpu"] == 1  # the host libraries as a one-thread fallback
+    assert not any(e.startswith("sim@sim:") for e in executors["cpu"]) and "numpy@cpu" in executors["cpu"]
+
+
+def test_a_model_with_unknown_dims_is_planned_on_the_nodes_on_its_first_request(cluster, reference) -> None:
+    """A measured policy on a symbolic batch dim: a priority pool answers first, then every node
+    measures its replicas on the first request's values and the measured pool takes over."""
+    from hetero.runtime.replanning import Replanning, serving_pool
+
+    model = hetero.load(with_dynamic_batch(small_cnn()))
+    pool = serving_pool(model, replicas=[["onnxruntime", "numpy"]], cpu_streams=1, policy="latency",
+                        build=cluster.deploy)
+    try:
+        assert isinstance(pool, Replanning)
+        assert all("policy priority" in plan for plan in pool.runner.plans.values())
+        singles = _requests(model, 3)  # a batch of 3 as the first request, measured on
+        images = np.concatenate([feeds["images"] for feeds in singles])
+        want = {"logits": np.concatenate([reference.run(feeds)["logits"] for feeds in singles])}
+        _close(pool.run({"images": images}), want)
+        assert pool.wait_planned(timeout=300), pool.status
+        assert pool.status == "measured"
+        plans = pool.runner.plans
+        assert {name.split("/")[0] for name in plans} == {n.name for n in cluster.nodes()}
+        # measured whole on each node: the single-library candidates timed, one chosen
+        assert all("policy latency" in plan and "(chosen)" in plan for plan in plans.values()), plans
+        _close(pool.run({"images": images}), want)
+    finally:
+        pool.close()
 
 
 def test_routing_adds_up_replicas_of_speeds_one_and_three(cluster, model, reference) -> None:
@@ -174,11 +297,11 @@ def test_a_worker_that_dies_under_load_is_replaced_and_no_request_is_lost(cluste
     monkeypatch.setattr(hetero.ray.cluster, "RETRY_S", 1.0)  # a new worker after 1 s, not 10
     with cluster.deploy(model, _paced) as pool:
         fast = min(pool.figures(), key=lambda r: r["seconds_per_request"])
-        [node_id] = {lane.session.node.info.id for lane in pool.replicas if lane.name == fast["replica"]}
+        [node_id] = {lane.session.worker.info.id for lane in pool.replicas if lane.name == fast["replica"]}
         first = pool.on_node(node_id)
         load = Load(pool, model)
         _wait_for(lambda: sum(lane.served for lane in first) >= 5, 60, "the fast node to serve")
-        ray.kill(first[0].session.node.worker)  # the worker process dies; its node lives on
+        ray.kill(first[0].session.worker.actor)  # the worker process dies; its node lives on
         _wait_for(lambda: len(pool.on_node(node_id)) > len(first), 120, "a new worker's replica")
         _wait_for(lambda: any(lane.served for lane in pool.on_node(node_id)[len(first):]), 60,
                   "the new worker to serve")
@@ -215,8 +338,10 @@ def test_ray_drain_node_finishes_its_requests_then_sends_no_more(ray_cluster, cl
 
 @pytest.mark.slow
 def test_serve_on_the_cluster(cluster, tmp_path: Path, reference) -> None:
-    """The same repository and config served over HTTP and gRPC; batches formed at the front end;
-    /metrics per node and per replica; `hetero cluster` lists every node with its own devices."""
+    """The same repository and config served over HTTP and gRPC, a worker per device group; a
+    measured policy on a symbolic batch dim planned on the nodes on the first request; batches
+    formed at the front end; /metrics per node, group and replica; `hetero cluster` lists every
+    node with its own devices and groups."""
     tritonhttp = pytest.importorskip("tritonclient.http")
     tritongrpc = pytest.importorskip("tritonclient.grpc")
     import httpx
@@ -229,11 +354,14 @@ def test_serve_on_the_cluster(cluster, tmp_path: Path, reference) -> None:
     folder.mkdir(parents=True)
     (folder / "model.onnx").write_bytes(with_dynamic_batch(small_cnn()).SerializeToString())
     (tmp_path / "cnn" / "config.yaml").write_text(
-        "executors: [numpy]\nmax_batch_size: 8\ndynamic_batching: {max_queue_delay_microseconds: 20000}\n")
-    server = ClusterServer(tmp_path, address=None, http_port=0, grpc_port=0).start()
+        "executors: [numpy]\npolicy: latency\nmax_batch_size: 8\n"
+        "dynamic_batching: {max_queue_delay_microseconds: 20000}\n")
+    server = ClusterServer(tmp_path, address=None, groups="device", http_port=0, grpc_port=0).start()
     try:
         nodes = {n.name for n in server.cluster.nodes()}
-        assert {r.session.node.info.name for r in server.repository.get("cnn").pool.replicas} == nodes
+        hosts = sorted((node, "cpu") for node in nodes)  # the host groups: where numpy replicas go
+        pool = server.repository.get("cnn").pool
+        assert sorted({(r.session.worker.info.name, r.session.worker.group) for r in pool.replicas}) == hosts
         image = example_feeds(hetero.load(small_cnn()), seed=3)["images"]
         want = reference.run({"images": image})["logits"]
         http = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.http_port}")
@@ -243,6 +371,9 @@ def test_serve_on_the_cluster(cluster, tmp_path: Path, reference) -> None:
             tensor.set_data_from_numpy(image)
             got = client.infer("cnn", [tensor]).as_numpy("logits")
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+            if client is http:  # the first request: planned on, then the measured replicas answer
+                assert pool.wait_planned(300) and pool.status == "measured", pool.status
+                assert all("(chosen)" in plan for plan in pool.runner.plans.values())
 
         def ask(seed: int) -> None:
             x = example_feeds(hetero.load(small_cnn()), seed=seed)["images"]
@@ -257,19 +388,22 @@ def test_serve_on_the_cluster(cluster, tmp_path: Path, reference) -> None:
         executions = _sample(metrics, 'hetero_model_executions_total{model="cnn",version="1"}')
         assert executions < 66  # 2 single requests + 64 merged into fewer batches
         served = _samples(metrics, "hetero_replica_requests_total")
-        assert sorted(_label(key, "node") for key in served) == sorted(nodes)
-        assert sum(served.values()) == executions
+        assert sorted((_label(key, "node"), _label(key, "group")) for key in served) == hosts
+        assert sum(served.values()) == executions - 1  # all but the first, answered before the re-plan
+        cards = next(n.name for n in server.cluster.nodes() if n.labels["pace"] == str(FAST))
         up = _samples(metrics, "hetero_node_up{")
-        assert sorted(_label(key, "node") for key, value in up.items() if value == 1) == sorted(nodes)
+        serving = sorted((_label(key, "node"), _label(key, "group")) for key, value in up.items() if value)
+        assert serving == sorted([*hosts, (cards, "sim:0"), (cards, "sim:1")])
         for node in nodes:
-            busy = _samples(metrics, f'hetero_node_device_busy_seconds_total{{node="{node}"')
-            assert sum(busy.values()) > 0
-        found = {node["node"]: {e["executor"] for e in node["executors"]} for node in hetero.ray.probe(None)}
-        simulated = {name for name, executors in found.items() if "sim@sim:1" in executors}
-        assert set(found) == nodes and len(simulated) == 1 and all("numpy@cpu" in e for e in found.values())
-        listing = CliRunner().invoke(app, ["cluster"])
+            busy = _samples(metrics, f'hetero_node_device_busy_seconds_total{{group="cpu",node="{node}"')
+            assert sum(busy.values()) > 0, _samples(metrics, "hetero_node_device_busy_seconds_total")
+        found = {node["node"]: node for node in hetero.ray.probe(None, groups="device")}
+        assert set(found) == nodes
+        assert {e["group"] for e in found[cards]["executors"] if e["device"] == "sim:1"} == {"sim:1"}
+        listing = CliRunner().invoke(app, ["cluster", "--groups", "device"])
         assert listing.exit_code == 0, listing.output
         assert all(node in listing.output for node in nodes) and "sim@sim:1" in listing.output
+        assert f"{cards}/sim:1: a worker on sim:1" in listing.output
     finally:
         server.stop()
     assert not server.repository.ready()

@@ -142,3 +142,26 @@ def test_batcher_sends_one_batch_per_live_replica() -> None:
         np.testing.assert_allclose(future.result(timeout=30)["logits"], reference.run(feeds)["logits"],
                                    rtol=1e-5, atol=1e-6)
     batcher.close()
+
+
+def test_replicas_kept_to_a_device_group_use_only_its_devices_and_the_host_as_fallback() -> None:
+    """What a worker of one device group compiles: its cards' replicas (host libraries as fallback,
+    within its thread budget), the host-only ones only in the host's group."""
+    from hetero.runtime.replicas import replica_sessions
+
+    cards = [StubExecutor(0, ops={"Conv", "Relu"}), StubExecutor(1, ops={"Conv", "Relu"})]
+    spec = [[cards[0], "numpy"], [cards[1], "numpy"], [*cards, "numpy"], ["numpy"]]
+
+    def used(devices, cores=4, streams=2):
+        """Each replica's executors, the host's with their threads."""
+        named = replica_sessions(small_cnn(), spec, cpu_streams=streams, cores=cores, devices=devices)
+        return [sorted(e.name if e.device.kind == "stub" else f"{e.name} x{e.threads}"
+                       for e in session.plan.executors) for _, session in named]
+
+    # a card's group: the replicas with that card (the two-card one kept to it), host on 1 thread
+    assert used({"stub:0"}, cores=1) == [["numpy@cpu x1", "stub@stub:0"]] * 2
+    assert used({"stub:1"}, cores=1) == [["numpy@cpu x1", "stub@stub:1"]] * 2
+    # the host's group: the host-only replica, as its CPU streams over the group's cores
+    assert used({"cpu"}, cores=4, streams=2) == [["numpy@cpu#0 x2"], ["numpy@cpu#1 x2"]]
+    assert len(used({"stub:0", "stub:1", "cpu"})) == 2 + 1 + 2  # every replica, as with no groups
+    assert used({"cuda:0"}) == []  # no replica belongs there

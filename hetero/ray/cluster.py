@@ -1,5 +1,5 @@
-"""A Ray cluster as one pool of replicas: a `NodeWorker` on every node, every node's replicas in
-one `ReplicaPool` at the front end.
+"""A Ray cluster as one pool of replicas: a `NodeWorker` on every node (or on every device group
+of a node), every worker's replicas in one `ReplicaPool` at the front end.
 
 The front end's pool routes each request to the replica that will finish it first (measured
 time per request, round trip included, and what each is busy with), retries a failed request on
@@ -29,13 +29,14 @@ from hetero.executors import Executor
 from hetero.graph import Model, load
 from hetero.graph.load import ModelSource
 from hetero.planner import Plan
-from hetero.ray.node import NodeWorker, describe_node
+from hetero.ray.node import Groups, NodeWorker, describe_node, device_groups, group_name
 from hetero.runtime.replicas import Replica, ReplicaPool
 from hetero.runtime.session import Feeds, check_feeds, resolve_outputs
 
 log = logging.getLogger("hetero.ray")
 
 ACTIVE, STARTING, DRAINING, LOST = "active", "starting", "draining", "lost"
+UNUSED = "unused"  # a node with none of the configured device groups' devices
 INLINE_BYTES = 16 << 20  # request tensors up to this size travel with the call, not via the object store
 RETRY_S = 10.0  # a node whose worker died or could not start gets a new one after this
 ReplicaSpec = Sequence[Sequence[str | Executor]]
@@ -58,42 +59,56 @@ class NodeInfo:
 
 
 @dataclass(eq=False)
-class _Node:
+class _Worker:
+    """A `NodeWorker` actor: a whole node's, or one device group's of it."""
+
     info: NodeInfo
-    worker: Any = None  # the NodeWorker actor handle
+    devices: tuple[str, ...] | None = None  # its device group; None: every device of the node
+    cores: int = 0  # the host libraries' thread budget (0: every core of the node)
+    actor: Any = None
     state: str = STARTING
     facts: dict[str, Any] = field(default_factory=dict)  # NodeWorker.describe()
     error: str = ""
-    retry_at: float = 0.0  # when lost: when to start a worker there again (time.monotonic)
+    retry_at: float = 0.0  # when lost: when to start it again (time.monotonic)
+
+    @property
+    def group(self) -> str:
+        return group_name(self.devices)
+
+    @property
+    def name(self) -> str:
+        """NODE, or NODE/GROUP for a device group's worker: what replica names start with."""
+        return f"{self.info.name}/{self.group}" if self.group else self.info.name
 
 
 class RemoteReplica:
-    """One replica compiled on a cluster node; `run` calls that node's `NodeWorker`.
+    """One replica compiled on a cluster node; `run` calls the `NodeWorker` holding it.
 
     A node or worker that died raises `ReplicaLostError` (the pool retries the request elsewhere
     and drops the replica); a call unanswered within `timeout_s` raises `RunError` (retried
-    elsewhere, the replica kept).
+    elsewhere, the replica kept). `worker.info` is its node.
     """
 
-    def __init__(self, node: _Node, key: str, index: int, model: Model, plan: str, timeout_s: float):
-        self.node, self.key, self.index, self.model = node, key, index, model
+    def __init__(self, worker: _Worker, key: str, index: int, model: Model, plan: str, timeout_s: float):
+        self.worker, self.key, self.index, self.model = worker, key, index, model
         self.plan_text = plan
         self.timeout_s = timeout_s
 
     def __repr__(self) -> str:
-        return f"<RemoteReplica {self.model.label!r} #{self.index} on node {self.node.info.name}>"
+        return f"<RemoteReplica {self.model.label!r} #{self.index} on {self.worker.name}>"
 
     def run(self, feeds: Feeds, output_names: Sequence[str] | None = None) -> dict[str, Any]:
         """Run one request on the node (the node's Session checks the feeds, as the pool did)."""
-        where = f"model {self.model.label!r} on node {self.node.info.name} ({self.node.info.address})"
-        if self.node.state == LOST:  # another lane of this replica found the node gone
+        worker = self.worker
+        where = f"model {self.model.label!r} on node {worker.name} ({worker.info.address})"
+        if worker.state == LOST:  # another lane of this replica found the worker gone
             raise ReplicaLostError(f"{where}: the node or its worker is gone")
         try:
-            ref = self.node.worker.run.remote(self.key, self.index, dict(feeds), output_names)
+            ref = worker.actor.run.remote(self.key, self.index, dict(feeds), output_names)
             return ray.get(ref, timeout=self.timeout_s)
         except RayActorError as exc:
-            if self.node.state != DRAINING:
-                self.node.state, self.node.retry_at = LOST, time.monotonic() + RETRY_S
+            if worker.state != DRAINING:
+                worker.state, worker.retry_at = LOST, time.monotonic() + RETRY_S
             raise ReplicaLostError(f"{where}: the node or its worker is gone ({type(exc).__name__})") \
                 from None
         except GetTimeoutError:
@@ -124,6 +139,7 @@ class _Spec:
     replicas: ReplicaSpec | Callable[[NodeInfo], ReplicaSpec | None] | None
     cpu_streams: int | None
     policy: str
+    samples: Any  # ray.ObjectRef of the feeds the measured policy places replicas on, or None
 
     def replicas_for(self, node: NodeInfo) -> ReplicaSpec | bool | None:
         """The node's replica spec (None: every device); False when the node is left out."""
@@ -156,12 +172,13 @@ class ClusterPool(ReplicaPool):
         return {r.name: r.session.plan_text for r in self.replicas if r.live}
 
     def on_node(self, node_id: str) -> list[Replica]:
-        """The pool's entries (a replica's lanes) on a node."""
-        return [r for r in self.replicas if r.session.node.info.id == node_id]
+        """The pool's entries (a replica's lanes) on a node, of every device group there."""
+        return [r for r in self.replicas if r.session.worker.info.id == node_id]
 
     def figures(self) -> list[dict[str, Any]]:
-        """Per replica, its lanes together: node, requests served and failed, busy seconds, and
-        while live the measured seconds per request (the lanes' rates added) and requests running."""
+        """Per replica, its lanes together: node and device group, requests served and failed, busy
+        seconds, and while live the measured seconds per request (the lanes' rates added) and
+        requests running."""
         grouped: dict[str, list[Replica]] = {}
         for lane in self.replicas:
             grouped.setdefault(lane.name, []).append(lane)
@@ -170,36 +187,45 @@ class ClusterPool(ReplicaPool):
             live = [lane for lane in lanes if lane.live]
             speeds = [lane.seconds_per_request for lane in live]
             figures.append({
-                "replica": name, "node": lanes[0].session.node.info.name, "live": bool(live),
+                "replica": name, "node": lanes[0].session.worker.info.name,
+                "group": lanes[0].session.worker.group, "live": bool(live),
                 "served": sum(lane.served for lane in lanes), "failed": sum(lane.failed for lane in lanes),
                 "busy_seconds": sum(lane.busy_seconds for lane in lanes),
                 "seconds_per_request": 1 / sum(1 / s for s in speeds) if speeds and all(speeds) else None,
                 "running": sum(lane.running_since is not None for lane in live)})
         return figures
 
-    def close(self, wait: bool = True) -> None:
-        """Finish the queued requests, then free the replicas on every node."""
-        super().close(wait)
-        self.cluster._forget(self)
-        if self.owns_cluster:
-            self.cluster.close()
+    def close(self, wait: bool = True, timeout: float | None = None) -> None:
+        """Finish the queued requests (as `ReplicaPool.close`), then free the replicas on every node."""
+        try:
+            super().close(wait, timeout)
+        finally:
+            self.cluster._forget(self)
+            if self.owns_cluster:
+                self.cluster.close()
 
 
 class Cluster:
-    """Hetero on a Ray cluster: a `NodeWorker` on every alive node and the pools deployed on them.
+    """Hetero on a Ray cluster: `NodeWorker`s on every alive node and the pools deployed on them.
 
     `address`: "local" starts a single-node Ray here (for trying it), "auto" or an address joins
     a running cluster (`ray start --head` on one server, `ray start --address=HEAD:6379` on the
-    others); None uses the Ray this process already connected to. `imports` are modules every
-    worker imports first (custom kernels). `call_timeout_s` bounds one request's round trip.
+    others); None uses the Ray this process already connected to. `groups` splits each node into
+    workers: None (or "node") one per node, "device" one per accelerator device and one for the
+    host, or groups of device names, "cuda:0,cuda:1;cpu" or [["cuda:0", "cuda:1"], ["cpu"]]
+    ("cpu": the host libraries; see `hetero.ray.node`). `imports` are modules every worker
+    imports first (custom kernels). `call_timeout_s` bounds one request's round trip.
     Each replica joins the pool as `lanes` entries, so while it runs one request the next is
     already on its way (the round trip hidden; measured per lane, their speeds add up to the
     replica's). Nodes that join are used within `poll_s` seconds; `close` (or `with`) stops.
+    `HeteroError` for groups naming no device or one device twice.
     """
 
-    def __init__(self, address: str | None = "auto", *, imports: Sequence[str] = (), poll_s: float = 1.0,
-                 lanes: int = 2, call_timeout_s: float = 120.0, start_timeout_s: float = 120.0,
+    def __init__(self, address: str | None = "auto", *, groups: Groups = None,
+                 imports: Sequence[str] = (), poll_s: float = 1.0, lanes: int = 2,
+                 call_timeout_s: float = 120.0, start_timeout_s: float = 120.0,
                  load_timeout_s: float = 900.0, drain_timeout_s: float = 60.0):
+        self.groups = _groups(groups)
         self._owns_ray = not ray.is_initialized()
         if self._owns_ray:
             # Ray puts call arguments over 100 KiB in its object store (a copy and a fetch: ~3 ms
@@ -211,10 +237,10 @@ class Cluster:
         self.poll_s, self.lanes, self.call_timeout_s = poll_s, lanes, call_timeout_s
         self.start_timeout_s, self.load_timeout_s, self.drain_timeout_s = (start_timeout_s, load_timeout_s,
                                                                            drain_timeout_s)
-        self._nodes: dict[str, _Node] = {}
+        self._workers: dict[tuple[str, str], _Worker] = {}  # by node id and group
         self._pools: list[ClusterPool] = []
-        self._lock = threading.Lock()  # guards the two collections above and node states
-        self._changing = threading.Lock()  # one deploy or node join at a time
+        self._lock = threading.Lock()  # guards the two collections above and worker states
+        self._changing = threading.Lock()  # one deploy or worker start at a time
         self._stop = threading.Event()
         try:
             self.refresh()
@@ -224,7 +250,7 @@ class Cluster:
         if not self.nodes():
             self.close()
             raise HeteroError("no node of the Ray cluster runs a Hetero worker: "
-                              f"{'; '.join(n.error for n in self._nodes.values()) or 'no alive node'}")
+                              f"{'; '.join(w.error for w in self._workers.values()) or 'no alive node'}")
         self._watcher = threading.Thread(target=self._watch, daemon=True, name="hetero-ray-watcher")
         self._watcher.start()
 
@@ -235,60 +261,66 @@ class Cluster:
         self.close()
 
     def nodes(self, state: str = ACTIVE) -> list[NodeInfo]:
-        """Nodes in `state` (active: serving)."""
+        """Nodes with a worker in `state` (active: serving)."""
         with self._lock:
-            return [n.info for n in self._nodes.values() if n.state == state]
+            found = {w.info.id: w.info for w in self._workers.values() if w.state == state}
+        return list(found.values())
 
     def describe(self, devices: bool = True, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-        """Every node known: its state, facts (with `devices`, its devices and executors: the first
-        time, every library is imported there) or error, and the replicas each pool has on it with
-        their requests served and seconds per request."""
+        """Every worker known, one entry each (`node`, and `group`: '' for a whole node's): its
+        state, facts (with `devices`, its devices and executors: the first time, every library is
+        imported there) or error, and the replicas each pool has on it with their requests served
+        and seconds per request."""
         with self._lock:
-            nodes, pools = list(self._nodes.values()), list(self._pools)
-        unknown = [n for n in nodes if n.state in (ACTIVE, DRAINING) and "executors" not in n.facts] \
+            workers, pools = list(self._workers.values()), list(self._pools)
+        unknown = [w for w in workers if w.state in (ACTIVE, DRAINING) and "executors" not in w.facts] \
             if devices else []
-        for node, facts in _gather([(n, n.worker.describe.remote()) for n in unknown], timeout_s):
+        for worker, facts in _gather([(w, w.actor.describe.remote()) for w in unknown], timeout_s):
             if not isinstance(facts, Exception):
-                node.facts = facts
-        return [{"node": n.info.name, "id": n.info.id, "address": n.info.address, "state": n.state,
-                 "error": n.error, **n.facts,
+                worker.facts = facts
+        return [{"node": w.info.name, "group": w.group, "id": w.info.id, "address": w.info.address,
+                 "state": w.state, "error": w.error, **w.facts,
                  "replicas": [{"model": p.model.label, **figures} for p in pools for figures in p.figures()
-                              if figures["node"] == n.info.name]}
-                for n in nodes]
+                              if (figures["node"], figures["group"]) == (w.info.name, w.group)]}
+                for w in workers]
 
-    def busy(self, timeout_s: float = 2.0) -> dict[str, dict[str, float]]:
-        """Busy seconds per compute resource of each active node (node name -> resource -> s);
-        nodes that do not answer within `timeout_s` are left out."""
+    def busy(self, timeout_s: float = 2.0) -> dict[tuple[str, str], dict[str, float]]:
+        """Busy seconds per compute resource of each active worker ((node name, group) -> resource
+        -> s); workers that do not answer within `timeout_s` are left out."""
         with self._lock:
-            nodes = [n for n in self._nodes.values() if n.state in (ACTIVE, DRAINING)]
-        return {node.info.name: busy for node, busy in
-                _gather([(n, n.worker.busy.remote()) for n in nodes], timeout_s)
+            workers = [w for w in self._workers.values() if w.state in (ACTIVE, DRAINING)]
+        return {(worker.info.name, worker.group): busy for worker, busy in
+                _gather([(w, w.actor.busy.remote()) for w in workers], timeout_s)
                 if not isinstance(busy, Exception)}
 
     def deploy(self, model: ModelSource, replicas: ReplicaSpec | Callable[[NodeInfo], ReplicaSpec | None]
                | None = None, *, cpu_streams: int | None = None, policy: str = "priority",
-               feeds: Feeds | None = None, warmup: bool = True,
+               samples: Sequence[Feeds] | None = None, feeds: Feeds | None = None, warmup: bool = True,
                max_in_flight: int | None = None) -> ClusterPool:
-        """Compile `model` on every active node and pool all their replicas; a warmed-up pool.
+        """Compile `model` on every active worker and pool all their replicas; a warmed-up pool.
 
-        `replicas`, `cpu_streams` and `policy` are `ReplicaPool.build`'s, applied on each node to
-        its own devices (default: every device of the node, one CPU stream per core it gives
-        Ray); `replicas` may also be a function of the `NodeInfo` (None: leave that node out).
-        `feeds` are what the replicas are timed with (needed for symbolic input dims; without
-        `warmup` they are timed by the requests they serve, as `ReplicaPool.build`'s). A node
-        that cannot build its replicas is left out; `ModelError` if none can.
+        `replicas`, `cpu_streams` and `policy` are `ReplicaPool.build`'s, applied by each worker
+        to its own devices (default: every device of its node or group, one CPU stream per core
+        it has); `replicas` may also be a function of the `NodeInfo` (None: leave that node out).
+        With `samples` (feeds dicts), each worker places its replicas by the measured `policy` on
+        them, as `hetero.runtime.replanning.serving_pool` does in-host (without, measured
+        policies place by estimates). `feeds` are what the replicas are timed with (needed for
+        symbolic input dims; without `warmup` they are timed by the requests they serve, as
+        `ReplicaPool.build`'s). A worker that cannot build its replicas is left out; `ModelError`
+        if none can.
         """
         loaded = load(model)
         blob = ray.put(loaded.proto.SerializeToString())
-        spec = _Spec(f"{loaded.label}#{uuid.uuid4().hex[:8]}", loaded, blob, replicas, cpu_streams, policy)
+        spec = _Spec(f"{loaded.label}#{uuid.uuid4().hex[:8]}", loaded, blob, replicas, cpu_streams, policy,
+                     ray.put(list(samples)) if samples else None)
         with self._changing:
             with self._lock:
-                nodes = [n for n in self._nodes.values() if n.state == ACTIVE]
-            built, errors = self._build(spec, nodes)
+                workers = [w for w in self._workers.values() if w.state == ACTIVE]
+            built, errors = self._build(spec, workers)
             if not built:
-                self._unload(spec, nodes)
+                self._unload(spec, workers)
                 raise ModelError(f"model {loaded.label!r}: no node of the cluster could load it: "
-                                 f"{'; '.join(errors) or 'no node'}")
+                                 f"{'; '.join(errors) or 'no replica on the devices of any node or group'}")
             pool = ClusterPool(self, spec, [r for r, _ in built], [name for _, name in built],
                                max_in_flight or 1024)
             try:
@@ -305,43 +337,55 @@ class Cluster:
 
     def drain(self, node_id: str) -> None:
         """Stop sending requests to a node, wait (at most `drain_timeout_s`) for those it runs,
-        then stop its worker. The node stays out until it leaves Ray and joins again."""
+        then stop its workers. The node stays out until it leaves Ray and joins again."""
         with self._lock:
-            node = self._nodes.get(node_id)
-            if node is None or node.state in (DRAINING, LOST):
-                return
-            node.state = DRAINING
-            replicas = [(p, r) for p in self._pools for r in p.on_node(node_id)]
+            workers = [w for w in self._workers.values()
+                       if w.info.id == node_id and w.state not in (DRAINING, LOST, UNUSED)]
+            for worker in workers:
+                worker.state = DRAINING
+            replicas = [(p, r) for p in self._pools for r in p.on_node(node_id)] if workers else []
+        if not workers:
+            return
         for pool, replica in replicas:
             pool.retire(replica)
         deadline = time.monotonic() + self.drain_timeout_s
         for pool, replica in replicas:
             pool.wait_idle(replica, max(0.0, deadline - time.monotonic()))
-        with contextlib.suppress(Exception):
-            ray.kill(node.worker)
-        log.info("node drained", extra={"fields": {"node": node.info.name}})
+        for worker in workers:
+            with contextlib.suppress(Exception):
+                ray.kill(worker.actor)
+        log.info("node drained", extra={"fields": {"node": workers[0].info.name}})
 
     def refresh(self) -> None:
         """Reconcile with Ray's view now: drop dead nodes' replicas, drain those Ray drains, start
-        workers on new nodes (and on nodes whose worker died) and add their replicas to every pool."""
+        workers on new nodes (and again where a worker died, leaving the node's other groups be)
+        and add their replicas to every pool."""
         alive = {n["NodeID"]: n for n in ray.nodes() if n["Alive"]}
         draining = self._draining() & set(alive)
         now = time.monotonic()
         with self._lock:
-            for node_id, node in self._nodes.items():
-                if node_id not in alive and node.state != LOST:
-                    node.state, node.retry_at = LOST, now
-            lost = {node_id for node_id, n in self._nodes.items() if n.state == LOST}
-            retire = [(p, r) for p in self._pools for r in p.replicas
-                      if r.live and r.session.node.info.id in lost]
-            fresh = [node_id for node_id in alive if node_id not in draining and (
-                node_id not in self._nodes or (node_id in lost and now >= self._nodes[node_id].retry_at))]
+            for worker in self._workers.values():
+                if worker.info.id not in alive and worker.state != LOST:
+                    worker.state, worker.retry_at = LOST, now
+            lost = {w for w in self._workers.values() if w.state == LOST}
+            retire = [(p, r) for p in self._pools for r in p.replicas if r.live and r.session.worker in lost]
+            again = [w for w in lost
+                     if w.info.id in alive and w.info.id not in draining and now >= w.retry_at]
+            unsplit = [w for w in again if self.groups is not None and w.devices is None]  # listing failed
+            for worker in unsplit:
+                del self._workers[(worker.info.id, worker.group)]
+            known = {w.info.id for w in self._workers.values()}
+            fresh = [_node_info(node) for node_id, node in alive.items()
+                     if node_id not in draining and node_id not in known]
         for pool, replica in retire:
             pool.retire(replica)
         for node_id in draining:
             self.drain(node_id)
         if fresh:
-            self._join([_node_info(alive[node_id]) for node_id in fresh])
+            self._join(fresh)
+        restart = [_Worker(w.info, w.devices, w.cores) for w in again if w not in unsplit]
+        if restart:
+            self._start(restart)
 
     def close(self) -> None:
         """Stop watching, close the pools (finishing their queued requests), stop the workers,
@@ -351,13 +395,13 @@ class Cluster:
         if watcher is not None:
             watcher.join()
         with self._lock:
-            pools, nodes = list(self._pools), list(self._nodes.values())
+            pools, workers = list(self._pools), list(self._workers.values())
         for pool in pools:
             pool.close()
-        for node in nodes:
-            if node.worker is not None:
+        for worker in workers:
+            if worker.actor is not None:
                 with contextlib.suppress(Exception):
-                    ray.kill(node.worker)
+                    ray.kill(worker.actor)
         if self._owns_ray:
             ray.shutdown()
 
@@ -369,33 +413,58 @@ class Cluster:
                 log.exception("cluster refresh failed")
 
     def _join(self, infos: Sequence[NodeInfo]) -> None:
-        """Start a worker on each node; once it answers, build every pool's replicas there."""
+        """Start the workers of nodes new to Hetero: one per node, or one per device group (which
+        a short task on each node lists first: only the node knows its devices)."""
+        if self.groups is None:
+            split: list[tuple[NodeInfo, Any]] = [(info, [(None, info.cores)]) for info in infos]
+        else:
+            task = ray.remote(device_groups)
+            split = _gather([(info, task.options(num_cpus=0, scheduling_strategy=_on(info)).remote(
+                self.groups, info.cores)) for info in infos], self.start_timeout_s)
+        workers, others = [], []
+        for info, groups in split:
+            if isinstance(groups, Exception):
+                others.append(_Worker(info, state=LOST, retry_at=time.monotonic() + RETRY_S, error=(
+                    f"node {info.name} ({info.address}): its devices could not be listed: "
+                    f"{_reason(groups)}")))
+            elif not groups:
+                others.append(_Worker(info, state=UNUSED, error=(
+                    f"node {info.name} ({info.address}) has no device of the groups {self.groups}")))
+            else:
+                workers += [_Worker(info, devices, cores) for devices, cores in groups]
+        with self._lock:
+            for worker in others:
+                self._workers[(worker.info.id, worker.group)] = worker
+        for worker in others:
+            log.error("node left out", extra={"fields": {"node": worker.info.name, "error": worker.error}})
+        self._start(workers)
+
+    def _start(self, workers: Sequence[_Worker]) -> None:
+        """Start each worker's actor (replacing the record of one that died); once it answers,
+        build every pool's replicas there."""
         options = {"num_cpus": 0, "max_concurrency": 1000, "max_restarts": 0}
-        nodes = []
-        for info in infos:
+        for worker in workers:
             # Ray runs its workers at niceness 15, to yield to its own daemons; a node's inference
             # server must not yield to every other process there, so it runs at 0, as Ray's job
-            # drivers do. BLAS threads follow the cores the node gives Ray.
-            environment = {"RAY_worker_niceness": "0", "OMP_NUM_THREADS": str(max(1, info.cores))}
-            worker = ray.remote(NodeWorker).options(
-                scheduling_strategy=NodeAffinitySchedulingStrategy(info.id, soft=False),
-                runtime_env={"env_vars": environment}, **options,
-            ).remote(info.cores, self.imports)
-            nodes.append(_Node(info, worker))
+            # drivers do. BLAS threads follow the worker's thread budget.
+            environment = {"RAY_worker_niceness": "0", "OMP_NUM_THREADS": str(max(1, worker.cores))}
+            worker.actor = ray.remote(NodeWorker).options(
+                scheduling_strategy=_on(worker.info), runtime_env={"env_vars": environment}, **options,
+            ).remote(worker.cores, self.imports, worker.devices)
         with self._lock:
-            for node in nodes:
-                self._nodes[node.info.id] = node
-        for node, facts in _gather([(n, n.worker.ping.remote()) for n in nodes], self.start_timeout_s):
+            for worker in workers:
+                self._workers[(worker.info.id, worker.group)] = worker
+        for worker, facts in _gather([(w, w.actor.ping.remote()) for w in workers], self.start_timeout_s):
             if isinstance(facts, Exception):
-                node.state, node.retry_at = LOST, time.monotonic() + RETRY_S
-                node.error = (f"node {node.info.name} ({node.info.address}): worker did not start: "
-                              f"{_reason(facts)}")
-                log.error("node left out", extra={"fields": {"node": node.info.name, "error": node.error}})
+                worker.state, worker.retry_at = LOST, time.monotonic() + RETRY_S
+                worker.error = (f"node {worker.name} ({worker.info.address}): worker did not start: "
+                                f"{_reason(facts)}")
+                log.error("node left out", extra={"fields": {"node": worker.name, "error": worker.error}})
                 with contextlib.suppress(Exception):
-                    ray.kill(node.worker)
+                    ray.kill(worker.actor)
             else:
-                node.facts = facts
-        started = [n for n in nodes if n.state != LOST]
+                worker.facts = facts
+        started = [w for w in workers if w.state != LOST]
         if not started:
             return
         with self._changing:
@@ -409,37 +478,38 @@ class Cluster:
                 except HeteroError:  # the pool closed meanwhile: free what was built for it
                     self._unload(pool.spec, started)
             with self._lock:
-                for node in started:
-                    node.state = DRAINING if node.state == DRAINING else ACTIVE
-        for node in started:
-            log.info("node joined", extra={"fields": {"node": node.info.name, "address": node.info.address}})
+                for worker in started:
+                    worker.state = DRAINING if worker.state == DRAINING else ACTIVE
+        for worker in started:
+            log.info("node joined", extra={"fields": {"node": worker.name, "address": worker.info.address}})
 
-    def _build(self, spec: _Spec, nodes: Sequence[_Node]) -> tuple[list[tuple[RemoteReplica, str]],
-                                                                    list[str]]:
-        """Compile the spec's replicas on each node at once; the replicas built and one error per
-        node that could not build them."""
-        chosen = [(n, spec.replicas_for(n.info)) for n in nodes]
-        calls = [(n, n.worker.load.remote(spec.key, spec.blob, replicas, spec.cpu_streams, spec.policy))
-                 for n, replicas in chosen if replicas is not False]
+    def _build(self, spec: _Spec, workers: Sequence[_Worker]) -> tuple[list[tuple[RemoteReplica, str]],
+                                                                      list[str]]:
+        """Compile the spec's replicas on each worker at once; the replicas built and one error
+        per worker that could not build them."""
+        chosen = [(w, spec.replicas_for(w.info)) for w in workers]
+        calls = [(w, w.actor.load.remote(spec.key, spec.blob, replicas, spec.cpu_streams, spec.policy,
+                                         spec.samples))
+                 for w, replicas in chosen if replicas is not False]
         built, errors = [], []
-        for node, loaded in _gather(calls, self.load_timeout_s):
+        for worker, loaded in _gather(calls, self.load_timeout_s):
             if isinstance(loaded, Exception):
-                errors.append(f"node {node.info.name} ({node.info.address}): {_reason(loaded)}")
+                errors.append(f"node {worker.name} ({worker.info.address}): {_reason(loaded)}")
                 continue
             for index, (name, plan) in enumerate(loaded):
-                remote = RemoteReplica(node, spec.key, index, spec.model, plan, self.call_timeout_s)
-                built += [(remote, f"{node.info.name}/{name}")] * self.lanes
+                remote = RemoteReplica(worker, spec.key, index, spec.model, plan, self.call_timeout_s)
+                built += [(remote, f"{worker.name}/{name}")] * self.lanes
         return built, errors
 
     def _forget(self, pool: ClusterPool) -> None:
         with self._lock:
             if pool in self._pools:
                 self._pools.remove(pool)
-            nodes = [n for n in self._nodes.values() if n.state != LOST]
-        self._unload(pool.spec, nodes)
+            workers = [w for w in self._workers.values() if w.actor is not None and w.state != LOST]
+        self._unload(pool.spec, workers)
 
-    def _unload(self, spec: _Spec, nodes: Sequence[_Node]) -> None:
-        _gather([(n, n.worker.unload.remote(spec.key)) for n in nodes], self.call_timeout_s)
+    def _unload(self, spec: _Spec, workers: Sequence[_Worker]) -> None:
+        _gather([(w, w.actor.unload.remote(spec.key)) for w in workers], self.call_timeout_s)
 
     def _draining(self) -> set[str]:
         """Nodes Ray is draining (`ray drain-node`, or the autoscaler taking them away)."""
@@ -450,6 +520,26 @@ class Cluster:
         except Exception:  # an older Ray, or the GCS busy: drains are then seen as deaths
             return set()
         return {n.node_id for n in status.active_nodes + status.idle_nodes if n.node_status == "DRAINING"}
+
+
+def _groups(groups: Groups) -> str | tuple[tuple[str, ...], ...] | None:
+    """`Cluster`'s `groups` checked: None (a worker per node), "device", or device-name groups."""
+    if groups in (None, "node", "device"):
+        return None if groups == "node" else groups
+    if isinstance(groups, str):
+        groups = [group.split(",") for group in groups.split(";")]
+    chosen = tuple(tuple(d.strip() for d in group if d.strip()) for group in groups)
+    named = [device for group in chosen for device in group]
+    twice = sorted({device for device in named if named.count(device) > 1})
+    if not all(chosen) or twice:
+        raise HeteroError(f"device groups {groups!r}: " + (f"{', '.join(twice)} in two groups" if twice else
+                          "a group names no device") + "; write them as 'cuda:0,cuda:1;cpu', or 'node' or "
+                          "'device'")
+    return chosen
+
+
+def _on(node: NodeInfo) -> NodeAffinitySchedulingStrategy:
+    return NodeAffinitySchedulingStrategy(node.id, soft=False)
 
 
 def _node_info(node: Mapping[str, Any]) -> NodeInfo:
@@ -483,17 +573,21 @@ def _reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
-def probe(address: str | None = "auto", timeout_s: float = 120.0) -> list[dict[str, Any]]:
+def probe(address: str | None = "auto", timeout_s: float = 120.0, *, groups: Groups = None
+          ) -> list[dict[str, Any]]:
     """Every alive node of a Ray cluster with its devices and executors (`hetero cluster`), found
-    by a short task on each node; a node where that fails shows its error."""
+    by a short task on each node; a node where that fails shows its error. With `groups` (as
+    `Cluster` takes them), each node also lists the workers they would make there and each
+    executor its group (see `describe_node`)."""
+    groups = _groups(groups)
     owns = not ray.is_initialized()
     if owns:
         ray.init(address=address or "auto", logging_level=logging.WARNING)
     try:
         infos = [_node_info(n) for n in ray.nodes() if n["Alive"]]
         task = ray.remote(describe_node)
-        calls = [(info, task.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
-            info.id, soft=False)).remote(info.cores)) for info in infos]
+        calls = [(info, task.options(num_cpus=0, scheduling_strategy=_on(info)).remote(info.cores, groups))
+                 for info in infos]
         found = []
         for info, facts in _gather(calls, timeout_s):
             labels = {k: v for k, v in info.labels.items() if not k.startswith("ray.io/")}
@@ -505,11 +599,11 @@ def probe(address: str | None = "auto", timeout_s: float = 120.0) -> list[dict[s
             ray.shutdown()
 
 
-def deploy(model: ModelSource, address: str | None = "auto", *, imports: Sequence[str] = (),
-           **options: Any) -> ClusterPool:
-    """`Cluster(address, imports=imports).deploy(model, **options)`: a pool on a cluster of its
-    own, which closing the pool closes too."""
-    cluster = Cluster(address, imports=imports)
+def deploy(model: ModelSource, address: str | None = "auto", *, groups: Groups = None,
+           imports: Sequence[str] = (), **options: Any) -> ClusterPool:
+    """`Cluster(address, groups=groups, imports=imports).deploy(model, **options)`: a pool on a
+    cluster of its own, which closing the pool closes too."""
+    cluster = Cluster(address, groups=groups, imports=imports)
     try:
         pool = cluster.deploy(model, **options)
     except BaseException:

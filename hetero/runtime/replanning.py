@@ -19,6 +19,7 @@ import numpy as np
 
 from hetero.executors import Executor
 from hetero.graph import Model
+from hetero.planner import MEASURED_POLICIES
 from hetero.runtime.replicas import ReplicaPool
 from hetero.runtime.samples import representative
 from hetero.runtime.session import Feeds, Requests, Session, compile_plan
@@ -130,7 +131,7 @@ def measured_replicas(policy: str, samples: list[Feeds]) -> Callable[[Model, lis
     """A replica compiler for `ReplicaPool.build` that places the first replica of each library set
     by the measured `policy` on `samples`, and its CPU-stream siblings like it (the same libraries
     per node, measured once)."""
-    if policy not in ("latency", "auto", "throughput"):
+    if policy not in MEASURED_POLICIES:
         raise ValueError(f"policy {policy!r} is not a measured policy")
     placed: dict[tuple[str, ...], tuple[Model, dict[str, str]]] = {}
 
@@ -150,24 +151,35 @@ def measured_replicas(policy: str, samples: list[Feeds]) -> Callable[[Model, lis
     return compile_replica
 
 
+def build_here(model: Model, replicas: Sequence[Sequence[str | Executor]] | None = None, *,
+               policy: str = "priority", samples: list[Feeds] | None = None, **options: Any) -> ReplicaPool:
+    """`ReplicaPool.build` on this host; with `samples` (feeds dicts), each replica is placed by the
+    measured `policy` on them (`measured_replicas`). Other options are `ReplicaPool.build`'s."""
+    compile_replica = measured_replicas(policy, samples) if samples else None
+    return ReplicaPool.build(model, replicas, policy=policy, compile_replica=compile_replica, **options)
+
+
 def serving_pool(model: Model, *, replicas: Sequence[Sequence[str | Executor]] | None = None,
-                 cpu_streams: int | None = None, policy: str = "priority",
-                 warmup: bool = True) -> ReplicaPool | Replanning:
-    """`ReplicaPool.build` for a server. Measured policies measure each replica on real values: on
+                 cpu_streams: int | None = None, policy: str = "priority", warmup: bool = True,
+                 build: Callable[..., ReplicaPool] = build_here) -> ReplicaPool | Replanning:
+    """A replica pool for a server. Measured policies measure each replica on real values: on
     inputs made from the model's dims when they are all known and `warmup` allows made-up inputs,
     else on the first request, planned in the background while a `priority` pool answers (a
-    `Replanning`)."""
-    def build(**options: Any) -> ReplicaPool:
-        return ReplicaPool.build(model, replicas=replicas, cpu_streams=cpu_streams, **options)
+    `Replanning`).
 
-    if policy not in ("latency", "auto", "throughput"):
-        return build(policy=policy, warmup=warmup)
+    `build(model, replicas, cpu_streams=, policy=, samples=, feeds=, warmup=)` makes the pools:
+    `build_here` on this host, `hetero.ray.Cluster.deploy` on a Ray cluster. `samples` are the
+    feeds the measured policies place replicas on, `feeds` what warm-up times them with.
+    """
+    def pool(**options: Any) -> ReplicaPool:
+        return build(model, replicas, cpu_streams=cpu_streams, **options)
+
+    if policy not in MEASURED_POLICIES:
+        return pool(policy=policy, warmup=warmup)
     if warmup and all(info.is_static for info in model.inputs):
-        return build(compile_replica=measured_replicas(policy, representative(model)))
+        return pool(policy=policy, samples=representative(model))
 
     def replan(samples: list[Feeds]) -> ReplicaPool:
-        pool = build(compile_replica=measured_replicas(policy, samples), warmup=False)
-        pool.warm_up(samples[0])
-        return pool
+        return pool(policy=policy, samples=samples, feeds=samples[0])
 
-    return Replanning(build(policy="priority", warmup=False), replan)
+    return Replanning(pool(policy="priority", warmup=False), replan)

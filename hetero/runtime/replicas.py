@@ -24,7 +24,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,7 +33,7 @@ import numpy as np
 
 from hetero import executors as executor_registry
 from hetero.errors import DeadlineExceededError, HeteroError, InputError, QueueFullError, ReplicaLostError
-from hetero.executors import Executor, default_threads, is_accelerator
+from hetero.executors import CPU, Executor, default_threads, is_accelerator
 from hetero.graph import Model, example_feeds, load
 from hetero.graph.load import ModelSource
 from hetero.planner import Plan
@@ -48,6 +48,7 @@ from hetero.runtime.session import (
 )
 from hetero.runtime.workers import Timer, call_later
 
+HOST = str(CPU)  # the host libraries (every executor not on an accelerator) among `devices` names
 _SMOOTHING = 0.2  # weight of the newest measurement in the per-replica time estimate
 
 
@@ -129,11 +130,12 @@ class ReplicaPool(Requests):
     @classmethod
     def build(cls, model: ModelSource, replicas: Sequence[Sequence[str | Executor]] | None = None, *,
               cpu_streams: int | None = None, policy: str = "priority", warmup: bool = True,
-              max_in_flight: int | None = None,
+              feeds: Feeds | None = None, max_in_flight: int | None = None,
               compile_replica: Callable[[Model, list[Executor]], Session] | None = None) -> ReplicaPool:
         """Compile one replica per executor list; host-only lists become `cpu_streams` CPU streams.
         `compile_replica(model, executors)` replaces planning each by `policy` (see
-        `hetero.runtime.replanning.measured_replicas`).
+        `hetero.runtime.replanning.measured_replicas`). `warmup` measures each replica on `feeds`
+        (default: made from the model's dims).
 
         With no `replicas`, every accelerator device gets one (its libraries first, numpy as
         fallback) and the host libraries one per CPU stream. `cpu_streams` defaults to the number of cores
@@ -144,7 +146,7 @@ class ReplicaPool(Requests):
         pool = cls([s for _, s in named], names=[n for n, _ in named], max_in_flight=max_in_flight)
         if warmup:
             try:
-                pool.warm_up()
+                pool.warm_up(feeds)
             except BaseException:
                 pool.close(wait=False)
                 raise
@@ -399,6 +401,7 @@ def _error(attempt: Future) -> BaseException | None:
 
 def replica_sessions(model: ModelSource, replicas: Sequence[Sequence[str | Executor]] | None = None, *,
                      cpu_streams: int | None = None, policy: str = "priority", cores: int | None = None,
+                     devices: Collection[str] | None = None,
                      compile_replica: Callable[[Model, list[Executor]], Session] | None = None,
                      ) -> list[tuple[str, Session]]:
     """The replicas `ReplicaPool.build` pools, compiled, each with its name.
@@ -406,21 +409,26 @@ def replica_sessions(model: ModelSource, replicas: Sequence[Sequence[str | Execu
     With no `replicas`, every accelerator device gets one (every library on it first, the host
     libraries as fallback) and the host libraries one per CPU stream (`cpu_streams`, default one per core).
     Host libraries use at most `cores` threads in all (default: every core of this process).
+    `devices` (names: "cuda:0", and "cpu" for the host libraries) keeps only the replicas on them:
+    a replica belongs to the devices of its accelerators, one without any to "cpu"; the host
+    libraries stay every replica's fallback (`hetero.ray`'s workers of one device group each).
     """
     model = load(model)
     if replicas is None:
         available = executor_registry.available()
-        devices: dict[str, list[Executor]] = {}
+        on_devices: dict[str, list[Executor]] = {}
         for executor in available:
             if is_accelerator(executor):
-                devices.setdefault(str(executor.device), []).append(executor)
+                on_devices.setdefault(str(executor.device), []).append(executor)
         host = [e for e in available if not is_accelerator(e)]
-        replicas = [[*on_device, *host] for on_device in devices.values()] + [host]
+        replicas = [[*on_device, *host] for on_device in on_devices.values()] + [host]
+    specs = [executor_registry.resolve(spec) for spec in replicas]
+    if devices is not None:
+        specs = [kept for chosen in specs if (kept := _within(chosen, devices))]
     cores = cores or default_threads()
     streams = cpu_streams or cores
     named = []
-    for spec in replicas:
-        chosen = executor_registry.resolve(spec)
+    for chosen in specs:
         if any(is_accelerator(e) for e in chosen) or streams <= 1:
             variants = [[e if is_accelerator(e) or e.threads <= cores
                          else executor_registry.variant_of(e, threads=cores) for e in chosen]]
@@ -433,6 +441,17 @@ def replica_sessions(model: ModelSource, replicas: Sequence[Sequence[str | Execu
                        else compile_plan(model, executors, policy))
             named.append((_describe(session), session))
     return named
+
+
+def _within(executors: list[Executor], devices: Collection[str]) -> list[Executor]:
+    """A replica's executors kept to `devices` (its accelerators there, with the host libraries);
+    empty when it does not belong there."""
+    accelerators = [e for e in executors if is_accelerator(e)]
+    if not accelerators:
+        return executors if HOST in devices else []
+    if not any(str(e.device) in devices for e in accelerators):
+        return []
+    return [e for e in executors if not is_accelerator(e) or str(e.device) in devices]
 
 
 def _measure(session: Session, feeds: Feeds, repeats: int) -> float:
