@@ -526,9 +526,8 @@ def _groups(groups: Groups) -> str | tuple[tuple[str, ...], ...] | None:
     """`Cluster`'s `groups` checked: None (a worker per node), "device", or device-name groups."""
     if groups in (None, "node", "device"):
         return None if groups == "node" else groups
-    if isinstance(groups, str):
-        groups = [group.split(",") for group in groups.split(";")]
-    chosen = tuple(tuple(d.strip() for d in group if d.strip()) for group in groups)
+    split = [group.split(",") for group in groups.split(";")] if isinstance(groups, str) else groups
+    chosen = tuple(tuple(d.strip() for d in group if d.strip()) for group in split)
     named = [device for group in chosen for device in group]
     twice = sorted({device for device in named if named.count(device) > 1})
     if not all(chosen) or twice:
