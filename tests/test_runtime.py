@@ -220,3 +220,25 @@ def test_replica_pool_on_cpu_streams_matches_a_session():
     workers = {t for t in threading.enumerate() if t.name.startswith("hetero-cpu#")}
     pool.close(timeout=30)
     assert len(workers) == 2 and all(t.is_alive() for t in workers)  # one worker per stream, kept
+
+
+def test_clock_fires_by_due_time_skips_cancelled_timers_and_outlives_a_raising_callback() -> None:
+    from hetero.runtime import workers
+
+    fired: list[str] = []
+    done = threading.Event()
+    workers.call_later(0.3, lambda: (fired.append("last"), done.set()))
+    cancelled = workers.call_later(0.1, lambda: fired.append("cancelled"))
+    workers.call_later(0.2, lambda: 1 / 0)  # logged; the timers after it still fire
+    workers.call_later(0.05, lambda: fired.append("first"))  # due before all others: wakes the clock
+    cancelled.cancel()
+    assert done.wait(30)
+    assert fired == ["first", "last"]
+
+
+def test_cancelled_timers_do_not_pile_up_on_the_clock() -> None:
+    from hetero.runtime import workers
+
+    for _ in range(10_000):
+        workers.call_later(3600, lambda: None).cancel()
+    assert len(workers._clock._heap) < 1000

@@ -1,11 +1,11 @@
-"""Compute resources, background work and the runtime's clock, on concurrent.futures and asyncio.
+"""Compute resources, background work and the runtime's clock, on concurrent.futures and threading.
 
 A resource (`cpu`, `cuda:0`, `cpu#1`, or a link `cpu -> cuda:0`) is a lock and one worker thread
 (a single-thread `ThreadPoolExecutor`). Every partition runs under its resource's lock, whether
 called inline by `Session.run` or submitted to the resource's worker, so two libraries never
 compete for the same cores and a device's work runs in arrival order. A task that raises fails
-only its own future; the worker lives on. Deadlines and stall checks are timers on one asyncio
-event loop, which likewise outlives any callback that raises.
+only its own future; the worker lives on. Deadlines and stall checks are timers on one clock
+thread, which likewise outlives any callback that raises.
 
 A task stuck inside a library holds its resource's worker until the library returns; requests
 behind it fail at their deadlines, and the interpreter waits for the task at exit.
@@ -13,12 +13,16 @@ behind it fail at their deadlines, and the interpreter waits for the task at exi
 
 from __future__ import annotations
 
-import asyncio
+import heapq
+import itertools
+import logging
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
+
+log = logging.getLogger("hetero.runtime")
 
 
 class Resource:
@@ -78,13 +82,16 @@ def background(fn: Callable[..., Any], *args: Any) -> Future:
 class Timer:
     """A callback due later on the runtime's clock; after `cancel` it never runs and is released."""
 
-    __slots__ = ("_fn",)
+    __slots__ = ("_clock", "_fn")
 
-    def __init__(self, fn: Callable[[], Any]):
+    def __init__(self, fn: Callable[[], Any], clock: _Clock):
         self._fn: Callable[[], Any] | None = fn
+        self._clock = clock
 
     def cancel(self) -> None:
-        self._fn = None
+        if self._fn is not None:
+            self._fn = None
+            self._clock.cancelled()
 
     def _fire(self) -> None:
         fn, self._fn = self._fn, None
@@ -92,23 +99,62 @@ class Timer:
             fn()
 
 
-_clock: asyncio.AbstractEventLoop | None = None
+class _Clock:
+    """Timers on one thread: a heap of due times, the thread asleep until the soonest. Adding a timer
+    wakes the thread only when it is due before every other one (requests add two timers each, a
+    deadline and a stall check, nearly always later than one already waiting), so a request costs no
+    thread switch here; an asyncio loop's `call_soon_threadsafe` would cost one each time."""
+
+    def __init__(self) -> None:
+        self._heap: list[tuple[float, int, Timer]] = []
+        self._order = itertools.count()
+        self._cancelled = 0  # timers cancelled but still in the heap
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="hetero-clock", daemon=True).start()
+
+    def call_later(self, delay: float, fn: Callable[[], Any]) -> Timer:
+        timer = Timer(fn, self)
+        with self._cond:
+            if self._cancelled > 256 and self._cancelled * 2 > len(self._heap):  # keep memory bounded
+                self._heap = [entry for entry in self._heap if entry[2]._fn is not None]
+                heapq.heapify(self._heap)
+                self._cancelled = 0
+            heapq.heappush(self._heap, (time.monotonic() + max(0.0, delay), next(self._order), timer))
+            if self._heap[0][2] is timer:
+                self._cond.notify()
+        return timer
+
+    def cancelled(self) -> None:
+        with self._cond:
+            self._cancelled += 1
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    while self._heap and self._heap[0][2]._fn is None:
+                        heapq.heappop(self._heap)
+                        self._cancelled -= 1
+                    left = self._heap[0][0] - time.monotonic() if self._heap else None
+                    if left is not None and left <= 0:
+                        timer = heapq.heappop(self._heap)[2]
+                        break
+                    self._cond.wait(left)
+            try:
+                timer._fire()
+            except Exception:  # a callback's bug must not stop every later timer
+                log.exception("timer callback failed")
 
 
-def _clock_loop() -> asyncio.AbstractEventLoop:
-    global _clock
-    with _lock:
-        if _clock is None:
-            loop = asyncio.new_event_loop()
-            threading.Thread(target=loop.run_forever, name="hetero-clock", daemon=True).start()
-            _clock = loop
-        return _clock
+_clock: _Clock | None = None
 
 
 def call_later(delay: float, fn: Callable[[], Any]) -> Timer:
     """Call `fn()` on the clock's thread after `delay` seconds, unless cancelled first. `fn` must be
     quick: it delays every other timer while it runs."""
-    timer = Timer(fn)
-    loop = _clock_loop()
-    loop.call_soon_threadsafe(loop.call_later, max(0.0, delay), timer._fire)
-    return timer
+    global _clock
+    if _clock is None:
+        with _lock:
+            if _clock is None:
+                _clock = _Clock()
+    return _clock.call_later(delay, fn)

@@ -57,7 +57,9 @@ class Batcher:
         self.max_queue_size = max_queue_size
         self._observe = observe
         self._pending: deque[_Request] = deque()
-        self._cond = threading.Condition()
+        lock = threading.Lock()  # guards the queue and the counts
+        self._cond = threading.Condition(lock)  # a request queued (or closing)
+        self._freed = threading.Condition(lock)  # a batch answered (or closing)
         self._in_flight = 0  # batches sent and not yet answered
         self._closing = False
         self._thread = threading.Thread(target=self._dispatch_loop, daemon=True,
@@ -76,7 +78,7 @@ class Batcher:
                 raise QueueFullError(f"model {self.label!r}: {self.max_queue_size} requests already queued "
                                      "(max_queue_size); try again later")
             self._pending.append(request)
-            self._cond.notify()
+            self._cond.notify()  # wakes the dispatcher only while it waits for requests, not for a replica
         request.future.add_done_callback(lambda future: self._forget(request) if future.cancelled() else None)
         return request.future
 
@@ -87,6 +89,7 @@ class Batcher:
         with self._cond:
             self._closing = True
             self._cond.notify()
+            self._freed.notify()
         self._thread.join(timeout_s)
         with self._cond:
             left, self._pending = list(self._pending), deque()
@@ -94,14 +97,14 @@ class Batcher:
             _deliver(request.future, error=ServeError(f"model {self.label!r} unloaded before running the "
                                                       "request", 503))
         with self._cond:
-            drained = self._cond.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
+            drained = self._freed.wait_for(lambda: not self._in_flight, max(0.0, deadline - time.monotonic()))
         self.pool.close(wait=drained)
 
     def _dispatch_loop(self) -> None:
         while True:
             with self._cond:
                 while self._in_flight >= max(1, self.pool.live):
-                    self._cond.wait()
+                    self._freed.wait()
                 batch = self._next_batch()
                 if batch is None:
                     return
@@ -111,7 +114,7 @@ class Batcher:
     def _answered(self) -> None:
         with self._cond:
             self._in_flight -= 1
-            self._cond.notify_all()
+            self._freed.notify_all()
 
     def _forget(self, request: _Request) -> None:
         """Drop a request cancelled while it waits (its client gone or past its deadline)."""

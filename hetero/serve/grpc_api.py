@@ -3,15 +3,19 @@
 Server health calls are open; the rest check the API key in the call's metadata. Errors end the
 call with the status code matching the HTTP one (400 INVALID_ARGUMENT, 404 NOT_FOUND, 503
 UNAVAILABLE, 504 DEADLINE_EXCEEDED). A call's deadline bounds its request: one still queued when
-the deadline passes is dropped.
+the deadline passes is dropped; a call the client cancels cancels its request.
+
+grpcio's thread-pool server, not its asyncio one: the latter spent about 0.6 ms more CPU per
+600 KB request on these cores (a no-op handler, 1.7 against 1.1 ms), and every handler here waits
+on a request that runs on the model's own threads anyway.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import logging
-from collections.abc import Awaitable, Callable
+import threading
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -37,37 +41,35 @@ if TYPE_CHECKING:
 
 _CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
           404: grpc.StatusCode.NOT_FOUND, 408: grpc.StatusCode.DEADLINE_EXCEEDED,
-          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
-          504: grpc.StatusCode.DEADLINE_EXCEEDED}
+          413: grpc.StatusCode.RESOURCE_EXHAUSTED, 499: grpc.StatusCode.CANCELLED,
+          503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 _CONTENTS = {"BOOL": ("bool_contents", np.bool_), "INT8": ("int_contents", np.int32),
              "INT16": ("int_contents", np.int32), "INT32": ("int_contents", np.int32),
              "INT64": ("int64_contents", np.int64), "UINT8": ("uint_contents", np.uint32),
              "UINT16": ("uint_contents", np.uint32), "UINT32": ("uint_contents", np.uint32),
              "UINT64": ("uint64_contents", np.uint64), "FP32": ("fp32_contents", np.float32),
              "FP64": ("fp64_contents", np.float64), "BYTES": ("bytes_contents", None)}
-_INLINE_BYTES = 64 << 10  # bigger requests are decoded off the event loop
 
 log = logging.getLogger("hetero.serve")
 
-Handler = Callable[[Any, Any, grpc.aio.ServicerContext], Awaitable[Any]]
+Handler = Callable[[Any, Any, grpc.ServicerContext], Any]
 
 
 def _rpc(*, open_: bool = False) -> Callable[[Handler], Handler]:
     """Check the API key (unless open) and turn errors into the matching status code."""
     def wrap(method: Handler) -> Handler:
         @functools.wraps(method)
-        async def call(self: InferenceService, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        def call(self: InferenceService, request: Any, context: grpc.ServicerContext) -> Any:
             try:
                 if not open_ and self.server.api_key is not None:
                     self.server.authorize(dict(context.invocation_metadata() or ()))
-                return await method(self, request, context)
+                return method(self, request, context)
             except Exception as exc:
                 if not isinstance(exc, HeteroError):
                     log.error("internal error", exc_info=exc, extra={"fields": {"rpc": method.__name__}})
-                    await context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); "
-                                        "the server log has the details")
-                code = _CODES.get(http_status(exc), grpc.StatusCode.INTERNAL)
-                await context.abort(code, public_message(exc))
+                    context.abort(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); "
+                                  "the server log has the details")
+                context.abort(_CODES.get(http_status(exc), grpc.StatusCode.INTERNAL), public_message(exc))
         return call
     return wrap
 
@@ -77,15 +79,15 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         self.server = server
 
     @_rpc(open_=True)
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+    def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     @_rpc(open_=True)
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+    def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self.server.is_ready())
 
     @_rpc()
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
         try:
             self.server.repository.get(request.name, request.version)
         except ServeError:
@@ -93,34 +95,34 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return pb.ModelReadyResponse(ready=True)
 
     @_rpc()
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest,
+    def ServerMetadata(self, request: pb.ServerMetadataRequest,
                              context: Any) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(**self.server.metadata())
 
     @_rpc()
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+    def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         served = self.server.repository.get(request.name, request.version)
         return pb.ModelMetadataResponse(**served.metadata(self.server.repository.versions(request.name)))
 
     @_rpc()
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+    def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         served = self.server.repository.get(request.name, request.version)
         return pb.ModelConfigResponse(config=served.config_proto())
 
     @_rpc()
-    async def ModelStatistics(self, request: pb.ModelStatisticsRequest,
+    def ModelStatistics(self, request: pb.ModelStatisticsRequest,
                               context: Any) -> pb.ModelStatisticsResponse:
         stats = self.server.statistics(request.name, request.version)
         return json_format.ParseDict({"model_stats": stats}, pb.ModelStatisticsResponse())
 
     @_rpc()
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        nbytes = request.ByteSize()
-        with self.server.budget.reserve(2 * nbytes):
-            served, results = await self.server.infer(
+    def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        remaining = context.time_remaining()  # huge without a deadline
+        with self.server.budget.reserve(2 * request.ByteSize()):
+            served, results = self.server.infer_blocking(
                 "grpc", request.model_name, request.model_version, _inputs(request),
-                [o.name for o in request.outputs] or None, timeout_s=context.time_remaining(),
-                offload=nbytes > _INLINE_BYTES)
+                [o.name for o in request.outputs] or None, on_end=context.add_callback,
+                timeout_s=remaining if remaining < threading.TIMEOUT_MAX else None)
         response = pb.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)
         for name, array in results.items():
             response.outputs.add(name=name, datatype=datatype_of(array.dtype, f"output {name!r}"),
@@ -129,28 +131,28 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
         return response
 
     @_rpc()
-    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
+    def RepositoryIndex(self, request: pb.RepositoryIndexRequest,
                               context: Any) -> pb.RepositoryIndexResponse:
         entries = self.server.repository.index(ready_only=request.ready)
         return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**e)
                                                   for e in entries])
 
     @_rpc()
-    async def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
+    def RepositoryModelLoad(self, request: pb.RepositoryModelLoadRequest,
                                   context: Any) -> pb.RepositoryModelLoadResponse:
         if request.parameters:
             raise ServeError(f"load parameters are not supported (got {', '.join(request.parameters)}); edit "
                              f"the repository's {request.model_name}/config.yaml instead")
         try:
-            await asyncio.to_thread(self.server.repository.load, request.model_name)
+            self.server.repository.load(request.model_name)
         except ModelError as exc:
             raise ServeError(str(exc)) from None
         return pb.RepositoryModelLoadResponse()
 
     @_rpc()
-    async def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
+    def RepositoryModelUnload(self, request: pb.RepositoryModelUnloadRequest,
                                     context: Any) -> pb.RepositoryModelUnloadResponse:
-        await asyncio.to_thread(self.server.repository.unload, request.model_name)
+        self.server.repository.unload(request.model_name)
         return pb.RepositoryModelUnloadResponse()
 
 

@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from hetero.serve.server import Server
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
-_INLINE_BYTES = 64 << 10  # bigger requests are parsed and decoded off the event loop
+_INLINE_BYTES = 64 << 10  # requests with more JSON are parsed and decoded off the event loop
 _SPAN_BYTES = 16 << 10  # numeric data arrays this long are cut out of the JSON before orjson parses it
 _TOKENS = re.compile(rb'"data"\s*:\s*\[|"[^"\\]*(?:\\.[^"\\]*)*"')  # a data array's start, or any string
 _NUMBERS = re.compile(rb"[-+0-9.eE,\s]*\]")  # the rest of a flat array of numbers
@@ -69,7 +69,7 @@ def build_app(server: Server) -> FastAPI:
     app = FastAPI(title="hetero", docs_url=None, redoc_url=None, openapi_url=None)
     public = APIRouter()
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:  # async: FastAPI runs a plain def on a worker thread
         server.authorize(request.headers)
 
     private = APIRouter(dependencies=[Depends(authorize)])
@@ -176,7 +176,7 @@ def build_app(server: Server) -> FastAPI:
         with server.budget.reserve(0) as reservation:
             data = await body(request, reservation)
             header_length = request.headers.get(HEADER_LENGTH)
-            offload = len(data) > _INLINE_BYTES
+            offload = _json_bytes(len(data), header_length) > _INLINE_BYTES
             if offload:
                 header, inputs = await asyncio.to_thread(_parse, data, header_length)
             else:
@@ -260,6 +260,14 @@ def _cut_numbers(text: memoryview) -> tuple[bytes | memoryview, list[memoryview]
     if not spans:
         return text, spans
     return b"".join([*pieces, text[done:]]), spans
+
+
+def _json_bytes(size: int, header_length: str | None) -> int:
+    """Bytes of JSON in a body of `size` bytes: all of them, or only the header when tensors come as
+    binary data (which decode without parsing, so need no thread of their own)."""
+    if header_length is not None and header_length.isdigit() and len(header_length) < 19:
+        return min(size, int(header_length))
+    return size
 
 
 def _parse(data: bytes | bytearray, header_length: str | None) -> tuple[dict[str, Any], list[InferInput]]:

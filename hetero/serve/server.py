@@ -1,4 +1,5 @@
-"""One process serving a model repository over HTTP/REST and gRPC, on one asyncio event loop.
+"""One process serving a model repository over HTTP/REST (an asyncio event loop) and gRPC (a
+thread pool, one thread per call in progress).
 
 The loop runs in a thread of its own, so the caller (the CLI's main thread, a test) keeps its
 signals and can stop the server from outside. Stopping is graceful: both listeners stop taking
@@ -17,9 +18,10 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Mapping, Sequence
-from concurrent.futures import Future
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -74,6 +76,7 @@ class Server:
         self.shutdown_timeout_s = shutdown_timeout_s
         self.ready = False
         self._thread: threading.Thread | None = None
+        self._grpc: grpc.Server | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
 
@@ -86,6 +89,11 @@ class Server:
     def start(self) -> Server:
         """Load every model in the repository, then listen; returns once both listeners are up."""
         self.repository.load_all()
+        try:
+            self._grpc = self._grpc_server()
+        except BaseException:
+            self.repository.close()
+            raise
         started: Future = Future()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._main(started)), name="hetero-serve")
         self._thread.start()
@@ -93,8 +101,11 @@ class Server:
             started.result()
         except BaseException:
             self._thread.join()
+            self._grpc.stop(None)
             self.repository.close()
             raise
+        self._grpc.start()
+        self.ready = True
         log.info("serving", extra={"fields": {"http": f"{self.host}:{self.http_port}",
                                               "grpc": f"{self.host}:{self.grpc_port}",
                                               "models": [m.label for m in self.repository.ready()]}})
@@ -103,10 +114,13 @@ class Server:
     def stop(self) -> None:
         """Stop listening, finish the requests in flight and queued, unload every model. Thread-safe."""
         thread, self._thread = self._thread, None
-        if thread is None or self._loop is None or self._stop is None:
+        if thread is None or self._loop is None or self._stop is None or self._grpc is None:
             return
+        self.ready = False
         self._loop.call_soon_threadsafe(self._stop.set)
+        stopped = self._grpc.stop(self.shutdown_timeout_s)
         thread.join()
+        stopped.wait(self.shutdown_timeout_s)
         self.repository.close(self.shutdown_timeout_s)
         log.info("stopped")
 
@@ -121,22 +135,28 @@ class Server:
         log.info("stopping on signal")
         self.stop()
 
+    def _grpc_server(self) -> grpc.Server:
+        """The gRPC listener, bound and not yet started: one pool thread per call in progress."""
+        workers = ThreadPoolExecutor(self.max_connections, thread_name_prefix="hetero-grpc")
+        rpc = grpc.server(workers, maximum_concurrent_rpcs=self.max_connections, options=[
+            ("grpc.max_receive_message_length", self.max_request_bytes),
+            ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0),
+            ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1e3))])
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self), rpc)
+        try:
+            self.grpc_port = rpc.add_insecure_port(f"{self.host}:{self.grpc_port}")
+        except RuntimeError as exc:
+            rpc.stop(None)
+            raise OSError(f"cannot listen for gRPC on {self.host}:{self.grpc_port}: {exc}") from None
+        return rpc
+
     async def _main(self, started: Future) -> None:
+        """The HTTP listener on this thread's event loop, until `stop`."""
         self._loop = asyncio.get_running_loop()
         self._results = _Results(self._loop)
         self._loop.set_exception_handler(_QuietErrors().handle)
         self._stop = asyncio.Event()
-        rpc = None
         try:
-            rpc = grpc.aio.server(maximum_concurrent_rpcs=self.max_connections, options=[
-                ("grpc.max_receive_message_length", self.max_request_bytes),
-                ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0),
-                ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1e3))])
-            service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceService(self), rpc)
-            try:
-                self.grpc_port = rpc.add_insecure_port(f"{self.host}:{self.grpc_port}")
-            except RuntimeError as exc:
-                raise OSError(f"cannot listen for gRPC on {self.host}:{self.grpc_port}: {exc}") from None
             try:
                 sock = socket.create_server((self.host, self.http_port), family=socket.AF_INET6
                                             if ":" in self.host else socket.AF_INET)
@@ -150,23 +170,18 @@ class Server:
                                     lifespan="off", timeout_keep_alive=int(max(1, self.idle_timeout_s)),
                                     timeout_graceful_shutdown=self.shutdown_timeout_s)
             http = uvicorn.Server(config)
-            await rpc.start()
             serving = asyncio.create_task(http.serve(sockets=[sock]))
             while not http.started and not serving.done():
                 await asyncio.sleep(0.01)
             if serving.done():
                 raise RuntimeError(f"the HTTP listener on {self.host}:{self.http_port} did not start")
         except BaseException as exc:
-            if rpc is not None:
-                await rpc.stop(None)
             started.set_exception(exc)
             return
-        self.ready = True
         started.set_result(None)
         await self._stop.wait()
-        self.ready = False
         http.should_exit = True
-        await asyncio.gather(serving, rpc.stop(self.shutdown_timeout_s))
+        await serving
 
     def authorize(self, headers: Mapping[str, str]) -> None:
         """Raise a 401 unless the headers (lower-case names) carry the API key, when one is set."""
@@ -201,25 +216,56 @@ class Server:
         """Run one request on a served model within `timeout_s` (504 past it; a request still queued
         then is dropped); `offload` decodes its tensors off the event loop. Counts the request and
         logs one line, whatever the outcome."""
+        with self._accounted(protocol, name, version, timeout_s) as entry:
+            deadline = asyncio.timeout(timeout_s)
+            try:
+                async with deadline:
+                    served = entry.served = self.repository.get(name, version)
+                    decoded = await asyncio.to_thread(served.decode, inputs, outputs) if offload else \
+                        served.decode(inputs, outputs)
+                    return served, await self._results.wait(served.submit(*decoded))
+            except TimeoutError:
+                if deadline.expired():
+                    raise _past(name, timeout_s) from None
+                raise
+
+    def infer_blocking(self, protocol: str, name: str, version: str, inputs: Sequence[InferInput],
+                       outputs: Sequence[str] | None, *, timeout_s: float | None = None,
+                       on_end: Callable[[Callable[[], None]], object] = lambda _: None,
+                       ) -> tuple[ServedModel, dict[str, np.ndarray]]:
+        """`infer` for a caller on a thread of its own (a gRPC call): waits for the answer there.
+        `on_end` registers a callback for when the call ends early (the client cancelled it or went
+        away): the request is then cancelled (dropped if still queued) and this returns at once."""
+        with self._accounted(protocol, name, version, timeout_s) as entry:
+            served = entry.served = self.repository.get(name, version)
+            future = served.submit(*served.decode(inputs, outputs))
+            settled = threading.Event()
+            future.add_done_callback(lambda _: settled.set())
+            on_end(lambda: (future.cancel(), settled.set()))
+            if not settled.wait(timeout_s):
+                future.cancel()
+                raise _past(name, timeout_s)
+            if not future.done():
+                future.cancel()
+                raise ServeError(f"model {name!r}: the client cancelled the request", 499)
+            return served, future.result()
+
+    @contextlib.contextmanager
+    def _accounted(self, protocol: str, name: str, version: str, timeout_s: float | None
+                   ) -> Iterator[SimpleNamespace]:
+        """Time one request, count it in its model's statistics and log one line, however it ends;
+        the caller sets `served` once it knows the model."""
         start = time.perf_counter()
-        served: ServedModel | None = None
+        entry = SimpleNamespace(served=None)
         error: BaseException | None = None
-        deadline = asyncio.timeout(timeout_s)
         try:
-            async with deadline:
-                served = self.repository.get(name, version)
-                decoded = await asyncio.to_thread(served.decode, inputs, outputs) if offload else \
-                    served.decode(inputs, outputs)
-                return served, await self._results.wait(served.submit(*decoded))
+            yield entry
         except BaseException as exc:
             error = exc
-            if isinstance(exc, TimeoutError) and deadline.expired():
-                error = ServeError(f"model {name!r}: no answer within the request's timeout of "
-                                   f"{timeout_s * 1e3:g} ms", 504)
-                raise error from None
             raise
         finally:
             seconds = time.perf_counter() - start
+            served = entry.served
             if served is not None:
                 served.stats.request(seconds, error is None)
             if log.isEnabledFor(logging.INFO):
@@ -230,6 +276,11 @@ class Server:
                 if error is not None:
                     fields["error"] = str(error) or type(error).__name__
                 log.info("infer", extra={"fields": fields})
+
+
+def _past(name: str, timeout_s: float | None) -> ServeError:
+    return ServeError(f"model {name!r}: no answer within the request's timeout of "
+                      f"{(timeout_s or 0) * 1e3:g} ms", 504)
 
 
 class _Results:
