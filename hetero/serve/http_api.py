@@ -85,11 +85,12 @@ def build_app(server: Server) -> ASGIApp:
 
     private = APIRouter(dependencies=[Depends(authorize)])
 
-    async def body(request: Request, reservation: Reservation) -> bytes | bytearray:
+    async def body(request: Request, reservation: Reservation) -> bytes | memoryview:
         """The request body, refused past `max_request_bytes` (413), `body_timeout_s` (408) or the
         server's budget of bytes in flight (503; each byte counts twice, body and decoded tensors).
-        A body of declared length is received straight into one buffer: chunks joined afterwards
-        would hold it twice."""
+        A body of declared length is received straight into one buffer (chunks joined afterwards
+        would hold it twice), left uninitialised: `bytearray(n)` zero-fills on the event loop,
+        ~50 ms per 100 MiB here."""
         limit = server.max_request_bytes
         declared = request.headers.get("content-length", "")
         buffer = None
@@ -98,7 +99,7 @@ def build_app(server: Server) -> ASGIApp:
             if len(declared) > 19 or int(declared) > limit:
                 raise ServeError(f"request body of {declared} bytes exceeds the limit of {limit} bytes", 413)
             reservation.grow(2 * int(declared))
-            buffer = bytearray(int(declared))
+            buffer = memoryview(np.empty(int(declared), np.uint8))
         chunks, size = [], 0
         try:
             async with asyncio.timeout(server.body_timeout_s):
@@ -107,6 +108,8 @@ def build_app(server: Server) -> ASGIApp:
                     if size > limit:
                         raise ServeError(f"request body exceeds the limit of {limit} bytes", 413)
                     if buffer is not None:
+                        if size > len(buffer):
+                            raise ServeError(f"request body runs past its Content-Length {declared}")
                         buffer[size - len(chunk):size] = chunk
                         continue
                     if size > reservation.nbytes // 2:
@@ -127,7 +130,7 @@ def build_app(server: Server) -> ASGIApp:
         with server.budget.reserve(0) as reservation:
             data = await body(request, reservation)
         try:
-            return schema.model_validate(_object(data, "request body") if data.strip() else {})
+            return schema.model_validate(_object(data, "request body") if bytes(data).strip() else {})
         except ValidationError as exc:
             raise ServeError(f"request body: {describe(exc, schema)}") from None
 
@@ -298,7 +301,7 @@ def _json_bytes(size: int, header_length: str | None) -> int:
     return size
 
 
-def _parse(data: bytes | bytearray, header_length: str | None) -> tuple[dict[str, Any], list[InferInput]]:
+def _parse(data: bytes | memoryview, header_length: str | None) -> tuple[dict[str, Any], list[InferInput]]:
     """The JSON header and the inputs (binary tensor data extension: the header's length given)."""
     view = memoryview(data)
     if header_length is None:
