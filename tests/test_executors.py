@@ -44,6 +44,32 @@ def test_third_party_executors_arrive_through_entry_points(monkeypatch):
         executors.libraries(refresh=True)
 
 
+class WrappingExecutor(StubExecutor):
+    """A plugin whose discovery asks the registry for another library (the one it wraps), or for
+    itself, as a careless plugin might."""
+
+    wraps = "numpy"
+
+    @classmethod
+    def discover(cls):
+        if executors.library(cls.wraps).installed:
+            return [cls()]
+        return []
+
+
+def test_a_plugin_may_ask_for_other_libraries_while_it_is_discovered(monkeypatch):
+    loaders = dict(executors._loaders())
+    monkeypatch.setattr(executors, "_loaders", lambda: {**loaders, "wrapping": lambda: WrappingExecutor})
+    try:
+        assert executors.library("wrapping").installed  # used to deadlock on the registry
+        monkeypatch.setattr(WrappingExecutor, "wraps", "wrapping")
+        del executors._found["wrapping"]
+        found = executors.library("wrapping")
+        assert not found.installed and "asked for itself (wrapping -> wrapping)" in found.error
+    finally:
+        executors._found.pop("wrapping", None)
+
+
 def test_library_not_installed_is_named_in_the_error(monkeypatch):
     monkeypatch.setitem(executors._found, "openvino",
                         executors.Library("openvino", "openvino", (), "not installed (openvino); hint"))

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from hetero import domains
-from hetero.errors import ExecutorUnavailableError
+from hetero.errors import ExecutorUnavailableError, HeteroError
 from hetero.executors.base import (
     CPU,
     CompiledPartition,
@@ -57,8 +57,10 @@ class Library:
         return self.error is None
 
 
-_lock = threading.Lock()
+_lock = threading.Lock()  # guards the dicts below and the precision variants
 _found: dict[str, Library] = {}
+_discovery_locks: dict[str, threading.RLock] = {}  # one per library: discovering one never waits on another
+_discovering = threading.local()  # the libraries this thread is discovering, innermost last
 
 
 @functools.cache
@@ -111,8 +113,18 @@ def _library(name: str, rediscover: bool) -> Library | None:
     if loader is None:
         return None
     with _lock:
+        lock = _discovery_locks.setdefault(name, threading.RLock())
+    with lock:  # a plugin's discover() may ask for another library (one it wraps) meanwhile
         if name not in _found or rediscover:
-            _found[name] = _discover(name, loader)
+            chain = _discovering.__dict__.setdefault("names", [])
+            if name in chain:
+                raise HeteroError(f"executor library {name!r}: its discover() asked for itself "
+                                  f"({' -> '.join([*chain, name])})")
+            chain.append(name)
+            try:
+                _found[name] = _discover(name, loader)
+            finally:
+                chain.pop()
         return _found[name]
 
 
