@@ -2,6 +2,7 @@
 a sample-rate input, shapes only a run can tell, vendor-domain ops, fp16, and errors that name
 their reason. The real models themselves are in test_corpus.py (slow)."""
 
+import uuid
 import warnings
 
 import numpy as np
@@ -322,12 +323,13 @@ def test_probe_yeses_are_kept_for_the_next_process_and_noes_asked_again():
     def probe(answer):
         return lambda: asked.append(answer) or answer
 
-    first = base.ProbeAnswers("library=1.0")
+    library = f"library-{uuid.uuid4().hex}"  # the disk cache outlives a test run
+    first = base.ProbeAnswers(f"{library}=1.0")
     assert first.ask("sig-yes", probe(True)) and not first.ask("sig-no", probe(False))
-    later = base.ProbeAnswers("library=1.0")  # as a new process would hold: nothing in memory
+    later = base.ProbeAnswers(f"{library}=1.0")  # as a new process would hold: nothing in memory
     assert later.ask("sig-yes", probe(True)) and not later.ask("sig-no", probe(False))
     assert asked == [True, False, False]
-    upgraded = base.ProbeAnswers("library=2.0")
+    upgraded = base.ProbeAnswers(f"{library}=2.0")
     assert upgraded.ask("sig-yes", probe(True)) and asked[-1] is True and len(asked) == 4
 
 
