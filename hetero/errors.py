@@ -86,6 +86,17 @@ class RunError(ExecutorError):
     """A compiled partition failed while running a request."""
 
 
+class NonFiniteError(RunError):
+    """A partition gave NaN or infinity from finite inputs, and no other executor or replica could
+    tell whether that is the model's own answer. `outputs` holds that answer ({name: array}):
+    a `ReplicaPool` raises this only when its replicas disagree, and returns `outputs` when
+    every replica gives them."""
+
+    def __init__(self, message: str, outputs: dict):
+        super().__init__(message)
+        self.outputs = outputs
+
+
 class ReplicaLostError(RunError):
     """A replica is gone for good (its process or its node died): a `ReplicaPool` retries the
     request on another replica and sends that one no more."""

@@ -11,7 +11,7 @@ import onnx
 import pytest
 
 from hetero.errors import CompileError
-from hetero.executors import CompiledPartition, Device, Executor, ExecutorInfo
+from hetero.executors import CompiledPartition, Device, Executor, ExecutorInfo, host_all_finite
 from hetero.executors.numpy_executor import NumpyExecutor
 from hetero.graph import Model, Node
 
@@ -89,6 +89,9 @@ class StubExecutor(Executor):
 
     def to_host(self, value: DeviceArray) -> np.ndarray:
         return value.array
+
+    def all_finite(self, value: Any) -> Any:
+        return host_all_finite(value.array) if isinstance(value, DeviceArray) else super().all_finite(value)
 
 
 @pytest.fixture

@@ -24,6 +24,7 @@ from hetero.executors.base import (
     Executor,
     ExecutorInfo,
     default_threads,
+    host_all_finite,
 )
 
 # library -> (module, class); the order is the default priority among host libraries.
@@ -247,6 +248,7 @@ __all__ = [
     "available",
     "default_threads",
     "hands_off",
+    "host_all_finite",
     "is_accelerator",
     "libraries",
     "reference",

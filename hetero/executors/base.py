@@ -188,6 +188,14 @@ class Executor(ABC):
         """This executor's device array -> host numpy array (identity on the host)."""
         return value
 
+    def all_finite(self, value: Any) -> Any:
+        """Whether a tensor this executor made holds no NaN or infinity (always true of integer,
+        bool and string tensors), for the runtime's guard against wrong numbers: one reduction.
+        Returns a bool, or a 0-d boolean that `bool()` reads later (a device library's, so the
+        device is not waited for here), or None when the library cannot tell without copying the
+        tensor to the host (the runtime then checks it when it reaches host memory)."""
+        return host_all_finite(value) if isinstance(value, np.ndarray) else None
+
     def copy_from(self, value: Any, source: Executor) -> Any | None:
         """`value` from another device's memory straight into this one's (GPU to GPU), or None to
         go through host memory."""
@@ -249,6 +257,11 @@ atexit.register(_stored_answers.save)
 def save_probe_answers() -> None:
     """Write the probe answers learnt so far to the cache (also done at exit)."""
     _stored_answers.save()
+
+
+def host_all_finite(array: np.ndarray) -> bool:
+    """No NaN or infinity in a host array (always true of other than float and complex ones)."""
+    return array.dtype.kind not in "fc" or bool(np.isfinite(array).all())
 
 
 def default_threads() -> int:

@@ -346,6 +346,15 @@ class CupyExecutor(Executor):
             value.get(out=staged)
             return staged.copy()
 
+    def all_finite(self, value: Any) -> Any:
+        """One reduction on the GPU, read (waiting for the GPU) when it is needed."""
+        if not (self.on_gpu and isinstance(value, self.xp.ndarray)):
+            return super().all_finite(value)
+        if value.dtype.kind not in "fc":
+            return True
+        with self.context():
+            return self.xp.isfinite(value).all()
+
     def adopt(self, value: Any) -> Any:
         """Another library's tensor on this GPU as a CuPy array over the same memory (DLPack, else
         the CUDA Array Interface)."""

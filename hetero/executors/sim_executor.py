@@ -36,7 +36,7 @@ import onnx
 
 from hetero.cache import JsonStore
 from hetero.errors import ExecutorUnavailableError, PlanError, RunError
-from hetero.executors.base import CompiledPartition, Device, Executor, ExecutorInfo
+from hetero.executors.base import CompiledPartition, Device, Executor, ExecutorInfo, host_all_finite
 from hetero.graph import Model, Node
 
 #: Where `hetero ... --simulate FILE` puts the devices file, so discovery finds the cards.
@@ -485,6 +485,10 @@ class SimExecutor(Executor):
         self.card.copy_overruns.add(time.perf_counter() - arrives - COPY_SLACK_S)
         _wait_until(arrives)
         return copied
+
+    def all_finite(self, value: Any) -> Any:
+        """The card's own reduction, made on the host array its values are computed in."""
+        return host_all_finite(value._array) if isinstance(value, SimArray) else super().all_finite(value)
 
     def copy_from(self, value: Any, source: Executor) -> Any | None:
         """Card -> card over a declared direct link, else None (through host memory)."""

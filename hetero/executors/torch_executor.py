@@ -1411,6 +1411,12 @@ class TorchExecutor(Executor):
         value = self.adopt(value)
         return value.to(self.torch_device) if isinstance(value, torch.Tensor) and value.is_cuda else None
 
+    def all_finite(self, value: Any) -> Any:
+        """One reduction on the tensor's device, read (waiting for the device) when it is needed."""
+        if not isinstance(value, torch.Tensor):
+            return super().all_finite(value)
+        return not (value.is_floating_point() or value.is_complex()) or torch.isfinite(value).all()
+
     def synchronize(self) -> None:
         """CUDA kernels run asynchronously: wait for this device's, so timings measure executions,
         not launches."""

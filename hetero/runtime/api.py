@@ -20,7 +20,8 @@ def compile(model: ModelSource, executors: Sequence[str | Executor] | str | None
             policy: str = "priority", *, affinity: Mapping[str, str | Executor] | None = None,
             progress: Progress | None = None, max_in_flight: int = 16,
             allow_precision: str | None = None, sample_inputs: SampleInputs | None = None,
-            input_shapes: Mapping[str, Sequence[int]] | None = None) -> Session | ReplicaPool:
+            input_shapes: Mapping[str, Sequence[int]] | None = None,
+            check_finite: bool = True) -> Session | ReplicaPool:
     """Load (if needed), place and compile a model for this host's executors.
 
     Policies: `priority` (first executor in `executors` order that supports each node), `manual`
@@ -35,18 +36,25 @@ def compile(model: ModelSource, executors: Sequence[str | Executor] | str | None
     `input_shapes` ({"images": [1, 3, 640, 640]}), else by the model's dims with
     `hetero.graph.model.DEFAULT_DIMS` for symbolic ones. If the model cannot run on inputs made
     up that way, a `RuntimeWarning` names the inputs it needs and the `priority` plan is kept.
+    `check_finite` (on by default; one reduction per float output of each partition) treats NaN
+    or infinity from finite inputs as the partition's library failing: the nodes are run elsewhere,
+    and if they give NaN or infinity there too, that is the model's answer (see `Session`).
     Returns a `Session`, or a `ReplicaPool` when `throughput` chooses replicas; both have `run`,
     `submit`, `run_async` and `map`.
     """
     model = load(model)
     if policy in ("latency", "auto"):
-        return tune_latency(model, executors, progress=progress, max_in_flight=max_in_flight,
-                            allow_precision=allow_precision, sample_inputs=sample_inputs,
-                            input_shapes=input_shapes)
-    if policy == "throughput":
-        return tune_throughput(model, executors, progress=progress, sample_inputs=sample_inputs,
-                               input_shapes=input_shapes)
-    return compile_plan(model, executors, policy, affinity=affinity, max_in_flight=max_in_flight)
+        runner = tune_latency(model, executors, progress=progress, max_in_flight=max_in_flight,
+                              allow_precision=allow_precision, sample_inputs=sample_inputs,
+                              input_shapes=input_shapes)
+    elif policy == "throughput":
+        runner = tune_throughput(model, executors, progress=progress, sample_inputs=sample_inputs,
+                                 input_shapes=input_shapes)
+    else:
+        runner = compile_plan(model, executors, policy, affinity=affinity, max_in_flight=max_in_flight)
+    for session in [r.session for r in runner.replicas] if isinstance(runner, ReplicaPool) else [runner]:
+        session.check_finite = check_finite
+    return runner
 
 
 def plan(model: ModelSource, executors: Sequence[str | Executor] | str | None = None,

@@ -15,8 +15,10 @@ The pool has no threads of its own: a request runs as a `Session.submit` on the 
 devices' workers (a replica with only `run` gets a single-thread executor of its own), and the
 pool dispatches the next when one finishes. A request whose replica fails is retried on another;
 one whose replica stalls (far past its measured time) is started on another too, and the first
-answer wins. A request with a `timeout` fails with `DeadlineExceededError` when it passes; a
-cancelled one leaves the queue at once.
+answer wins. A replica that answers NaN or infinity from finite inputs (`NonFiniteError`, see
+`Session`) has the request retried too; if every replica tried answers so, that is the model's
+own answer and is returned, and no replica counts as failed. A request with a `timeout` fails
+with `DeadlineExceededError` when it passes; a cancelled one leaves the queue at once.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from typing import Any
 import numpy as np
 
 from hetero import executors as executor_registry
-from hetero.errors import DeadlineExceededError, HeteroError, InputError, QueueFullError, ReplicaLostError
+from hetero.errors import (
+    DeadlineExceededError,
+    HeteroError,
+    InputError,
+    NonFiniteError,
+    QueueFullError,
+    ReplicaLostError,
+)
 from hetero.executors import CPU, Executor, default_threads, is_accelerator
 from hetero.graph import Model, example_feeds, load
 from hetero.graph.load import ModelSource
@@ -98,6 +107,7 @@ class _Job:
     excluded: set[int] = field(default_factory=set)
     running: set[int] = field(default_factory=set)  # replicas working on it now
     error: BaseException | None = None  # the last attempt's, returned if no replica is left
+    non_finite: set[int] = field(default_factory=set)  # replicas that answered NaN or infinity
     timer: Timer | None = None
 
 
@@ -114,6 +124,8 @@ class ReplicaPool(Requests):
         if not replicas:
             raise HeteroError("a ReplicaPool needs at least one replica")
         self.model = replicas[0].model
+        for session in replicas:
+            _defer_non_finite(session)
         self.replicas = [Replica(s, name) for s, name in
                          zip(replicas, names or [_describe(s) for s in replicas], strict=True)]
         self.max_in_flight = max_in_flight or 4 * len(replicas)
@@ -163,6 +175,7 @@ class ReplicaPool(Requests):
     def add(self, session: Session, name: str | None = None) -> Replica:
         """A replica joins the running pool: measured alone first (on what `warm_up` measured
         with), then it takes requests as the others do."""
+        _defer_non_finite(session)
         replica = Replica(session, name or _describe(session))
         if self._feeds is not None:
             replica.seconds_per_request = _measure(session, self._feeds, 3)
@@ -360,8 +373,13 @@ class ReplicaPool(Requests):
                     (1 - _SMOOTHING) * previous + _SMOOTHING * scaled)
                 replica.served += 1
                 replica.busy_seconds += elapsed
+                for other in job.non_finite:  # their NaN or infinity was wrong after all
+                    self.replicas[other].failed += 1
             else:
-                replica.failed += 1
+                if isinstance(error, NonFiniteError):
+                    job.non_finite.add(index)
+                else:
+                    replica.failed += 1
                 replica.retired = replica.retired or isinstance(error, ReplicaLostError)
                 job.excluded.add(index)
                 job.error = error
@@ -373,6 +391,8 @@ class ReplicaPool(Requests):
             self._cond.notify_all()
         if error is None:
             settle(job.future, attempt.result())
+        elif give_up and isinstance(job.error, NonFiniteError) and job.non_finite == job.excluded:
+            settle(job.future, job.error.outputs)  # every replica tried gave it: the model's own
         elif give_up:
             settle(job.future, error=job.error)
         self._fail(stranded)
@@ -391,6 +411,13 @@ class ReplicaPool(Requests):
         for job in jobs:
             settle(job.future, error=job.error or HeteroError(
                 f"model {self.model.label!r}: no replica left to run the request"))
+
+
+def _defer_non_finite(session: Session) -> None:
+    """A replica's NaN or infinity that its session cannot check comes back as `NonFiniteError`,
+    so the pool asks another replica."""
+    if isinstance(session, Session):
+        session.defer_non_finite = True
 
 
 def _error(attempt: Future) -> BaseException | None:

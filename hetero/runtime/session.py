@@ -44,10 +44,11 @@ from hetero.errors import (
     DeadlineExceededError,
     HeteroError,
     InputError,
+    NonFiniteError,
     QueueFullError,
     RunError,
 )
-from hetero.executors import CompiledPartition, Executor, hands_off
+from hetero.executors import CompiledPartition, Executor, hands_off, host_all_finite
 from hetero.graph import Model, TensorInfo, load
 from hetero.graph.load import ModelSource
 from hetero.planner import HOST, Plan, Rejections
@@ -87,6 +88,22 @@ class _PartitionFailed(Exception):
         self.error = error
 
 
+class _NonFinite(Exception):
+    """Partitions gave NaN or infinity from finite inputs (`suspects`: each step with the tensors);
+    `non_finite` names every non-finite tensor of the attempt, `result` and `values` are its
+    complete answer, in case that is the model's own."""
+
+    def __init__(self, program: _Program, suspects: list[tuple[_Step, list[str]]], non_finite: set[str],
+                 result: dict[str, Any], values: _Values):
+        names = ", ".join(repr(name) for name in suspects[0][1])
+        super().__init__(f"NaN or infinity in {names} from finite inputs")
+        self.program, self.suspects, self.non_finite = program, suspects, non_finite
+        self.result, self.values = result, values
+
+    def nodes(self, step: _Step) -> set[str]:
+        return {node.name for node in self.program.plan.partitions[step.index].nodes}
+
+
 class _Stopped(Exception):
     """The request was cancelled or ran out of time: what is left of it is skipped."""
 
@@ -102,13 +119,20 @@ class _SourceFailed(Exception):
 
 class _Values:
     """One attempt at a request: its values by name and memory space, released when their last
-    reader is done, and what is under way (so `stop` can skip or end it)."""
+    reader is done, what is under way (so `stop` can skip or end it), and, when the session
+    checks for NaN and infinity, each partition's finiteness flags (read once the request ends,
+    so no device is waited for)."""
 
     def __init__(self, arrays: dict[str, Any], uses: dict[str, int], keep: set[str],
-                 trace: Trace | None = None):
+                 trace: Trace | None = None, own_non_finite: set[str] | None = None):
         self.trace = trace
         self.request = trace.new_request() if trace else 0
+        self.inputs = arrays
         self.feeds = list(arrays.values())
+        self.own_non_finite = own_non_finite  # None: not checked
+        self.checks: list[tuple[_Step, list[tuple[str, Any]]]] = []
+        self.unchecked: set[str] = set()  # on a device whose library cannot tell: checked on the host
+        self.host_finite: dict[str, bool] = {}
         self._held: dict[str, dict[str, tuple[Executor | None, Any]]] = {
             name: {HOST: (None, array)} for name, array in arrays.items()}
         self._left = dict(uses)
@@ -162,6 +186,8 @@ class _Values:
                 host = value if on_host else owner.to_host(value)
             except Exception as exc:
                 raise _SourceFailed(name, exc) from exc
+            if not on_host and name in self.unchecked and isinstance(host, np.ndarray):
+                self.host_finite[name] = host_all_finite(host)
             moved = direct if direct is not None else (
                 host if target is None or space == HOST else target.to_device(host))
             if self.trace is not None:
@@ -182,6 +208,36 @@ class _Values:
         with self._lock:
             for name, value in zip(names, outputs, strict=True):
                 self._held[name] = {executor.memory_space: (executor, value)}
+
+    def check(self, step: _Step, outputs: Sequence[Any]) -> None:
+        """Record whether each of the step's outputs is free of NaN and infinity (one reduction)."""
+        flags = [(name, step.executor.all_finite(value))
+                 for name, value in zip(step.compiled.output_names, outputs, strict=True)]
+        with self._lock:
+            self.checks.append((step, flags))
+            self.unchecked.update(name for name, flag in flags if flag is None)
+
+    def non_finite(self, program: _Program, result: dict[str, Any]) -> _NonFinite | None:
+        """Partitions whose outputs hold NaN or infinity although every input they read was
+        finite (the session's own non-finite tensors aside), in the order they ran."""
+        seen: set[str] = set()
+        suspects: list[tuple[_Step, list[str]]] = []
+        for step, flags in self.checks:
+            bad = [name for name, flag in flags
+                   if not (self.host_finite.get(name, True) if flag is None else bool(flag))]
+            if not bad:
+                continue
+            finite_inputs = not any(name in seen or not self._finite_input(name)
+                                    for name in step.compiled.input_names)
+            seen.update(bad)
+            new = [name for name in bad if name not in self.own_non_finite]
+            if finite_inputs and new:
+                suspects.append((step, new))
+        return _NonFinite(program, suspects, seen, result, self) if suspects else None
+
+    def _finite_input(self, name: str) -> bool:
+        value = self.inputs.get(name)
+        return not isinstance(value, np.ndarray) or host_all_finite(value)
 
     def consumed(self, names: Sequence[str]) -> None:
         with self._lock:
@@ -246,8 +302,8 @@ class _Program:
                           if name not in produced}
         self.parallel = _has_parallel_branches(plan)
 
-    def values(self, arrays: dict[str, Any], trace: Trace | None) -> _Values:
-        return _Values(arrays, self.uses, self.keep, trace)
+    def values(self, arrays: dict[str, Any], trace: Trace | None, own_non_finite: set[str] | None) -> _Values:
+        return _Values(arrays, self.uses, self.keep, trace, own_non_finite)
 
     def _run_step(self, step: _Step, values: _Values) -> None:
         if values.stopped:
@@ -261,6 +317,8 @@ class _Program:
                 values.trace.record(f"#{step.index}", "partition", step.resource.name, step.executor.name,
                                     start, time.perf_counter(), values.request)
             values.put(step.executor, step.compiled.output_names, outputs)
+            if values.own_non_finite is not None:
+                values.check(step, outputs)
         except _Stopped:
             raise
         except _SourceFailed as failed:
@@ -289,7 +347,12 @@ class _Program:
                       else values.fetch(name, None) for name in wanted}
         except _SourceFailed as failed:
             raise _PartitionFailed(self.producers[failed.name], failed.error) from failed.error
-        return _owned(result, values.feeds)
+        result = _owned(result, values.feeds)
+        if values.own_non_finite is not None:
+            suspect = values.non_finite(self, result)
+            if suspect is not None:
+                raise _PartitionFailed(suspect.suspects[0][0], suspect)
+        return result
 
     def execute(self, values: _Values, wanted: Sequence[str]) -> dict[str, Any]:
         """Run the steps one after another in the calling thread."""
@@ -356,6 +419,19 @@ def _owned(result: dict[str, Any], feeds: Sequence[Any]) -> dict[str, Any]:
             seen.append(value)
         result[name] = value
     return result
+
+
+def _same_answer(first: dict[str, Any], second: dict[str, Any]) -> bool:
+    """The same outputs from two plans: NaN and infinities in the same places, numbers within the
+    rounding of different libraries (`hetero run --check`'s tolerance)."""
+    for name, a in first.items():
+        b = second[name]
+        if not (isinstance(a, np.ndarray) and isinstance(b, np.ndarray)):
+            continue
+        if a.shape != b.shape or not (np.allclose(a, b, rtol=1e-3, atol=1e-3, equal_nan=True)
+                                      if a.dtype.kind in "fc" else np.array_equal(a, b)):
+            return False
+    return True
 
 
 def _quietly(fetch: Callable[[str, Executor], Any], name: str, target: Executor) -> None:
@@ -490,7 +566,7 @@ class _Call:
 
     def attempt(self, program: _Program) -> _Values:
         """Fresh values for an attempt on `program`; stopped at once if the call is already over."""
-        values = program.values(self.arrays, self.session._trace)
+        values = self.session._values(program, self.arrays)
         self.values, self.program = values, program
         if self.future.done():
             values.stop()
@@ -536,14 +612,25 @@ class Session(Requests):
     the nodes at fault in its own `Rejections` (run-time ones expire), re-plans them elsewhere
     and runs the request again; the new plan is kept only if it succeeds, so a bad request cannot
     degrade the plan. Once the rejections expire, the session re-plans with every executor again.
+
+    With `check_finite` (the default), a partition whose outputs hold NaN or infinity although
+    its inputs were finite counts as its library failing, and is re-planned likewise. When the
+    nodes give NaN or infinity on the other executor too, those are the model's own values: the
+    answer is returned as it is, nothing is held against the first library, and the session stops
+    checking those tensors. When no other executor is left to ask, the answer is returned as it
+    is too (`defer_non_finite`, which a `ReplicaPool` sets, raises `NonFiniteError` instead, so
+    the pool asks another replica).
     """
 
     def __init__(self, plan: Plan, compiled: Sequence[CompiledPartition], rebuild: Rebuild | None = None,
-                 max_in_flight: int = 16, rejections: Rejections | None = None):
+                 max_in_flight: int = 16, rejections: Rejections | None = None, check_finite: bool = True):
         self.model: Model = plan.model
         self.stats = RunStats()
         self.max_in_flight = max_in_flight
         self.rejections = rejections if rejections is not None else Rejections()
+        self.check_finite = check_finite
+        self.defer_non_finite = False
+        self._own_non_finite: set[str] = set()  # tensors another executor confirmed non-finite
         self._lock = threading.Lock()  # stats and the current program; held only briefly
         self._replanning = threading.Lock()  # one fallback trial at a time; plain requests never wait on it
         self._slots = threading.BoundedSemaphore(max_in_flight)
@@ -583,7 +670,7 @@ class Session(Requests):
         if program.parallel or timeout is not None:
             return self._submit(arrays, wanted, True, timeout).wait()
         start = time.perf_counter()
-        values = program.values(arrays, self._trace)
+        values = self._values(program, arrays)
         try:
             result = program.execute(values, wanted)
         except _PartitionFailed as failed:
@@ -682,13 +769,16 @@ class Session(Requests):
             self.stats.handoffs += values.handoffs
             self.stats.seconds += time.perf_counter() - start
 
+    def _values(self, program: _Program, arrays: dict) -> _Values:
+        return program.values(arrays, self._trace, self._own_non_finite if self.check_finite else None)
+
     def _fall_back(self, program: _Program, failed: _PartitionFailed, arrays: dict, wanted: list[str],
                    call: _Call | None = None) -> tuple[dict, _Values]:
         """Answer a request whose partition failed: on a plan re-planned without the nodes at fault
         (tried here, one trial at a time), or on the plan another request re-planned meanwhile."""
         for _ in range(_MAX_FALLBACKS):
             if self._rebuild is None:
-                raise self._run_error(failed) from failed.error
+                return self._give_up(failed)
             left = None if call is None else call.remaining()
             if not self._replanning.acquire(timeout=-1 if left is None else left):
                 if call is not None:
@@ -704,48 +794,83 @@ class Session(Requests):
                 return self._execute(program, arrays, wanted, call)
             except _PartitionFailed as again:
                 failed = again
-        raise self._run_error(failed) from failed.error
+        return self._give_up(failed)
 
     def _trial(self, program: _Program, failed: _PartitionFailed, arrays: dict, wanted: list[str],
                call: _Call | None) -> tuple[dict, _Values]:
         """Re-plan without the failing partition's culprits and answer on the new plan; keep it
-        only if that succeeds, else forget the culprits and return the original error."""
-        step = failed.step
+        only if that succeeds, else forget the culprits and give up (`_give_up`).
+
+        After NaN or infinity, the new plan succeeds also when it gives NaN or infinity itself,
+        but only from the nodes that moved (the other libraries agree). If its answer is then the
+        first attempt's (the same NaN and infinities, the other values close), the values were
+        the model's own: the culprits are forgotten, and the session stops checking the tensors
+        flagged."""
         text = str(failed.error)
-        part = program.plan.partitions[step.index]
-        culprits = [n for n in part.nodes if f"'{n.name}'" in text] or list(part.nodes)
+        if isinstance(failed.error, _NonFinite):
+            culprits = [(step.executor, node) for step, _ in failed.error.suspects
+                        for node in program.plan.partitions[step.index].nodes]
+        else:
+            part = program.plan.partitions[failed.step.index]
+            culprits = [(failed.step.executor, n)
+                        for n in [n for n in part.nodes if f"'{n.name}'" in text] or part.nodes]
         reason = text.splitlines()[0] if text else type(failed.error).__name__
-        for node in culprits:
-            self.rejections.reject(step.executor, self.model, node, "run", reason)
+        for executor, node in culprits:
+            self.rejections.reject(executor, self.model, node, "run", reason)
         try:
             new_program = _Program(*self._rebuild())
-            result, values = self._execute(new_program, arrays, wanted, call)
+            try:
+                result, values = self._execute(new_program, arrays, wanted, call)
+            except _PartitionFailed as again:
+                moved = {node.name for _, node in culprits}
+                if not (isinstance(again.error, _NonFinite)
+                        and all(again.error.nodes(step) & moved for step, _ in again.error.suspects)):
+                    raise
+                result, values = again.error.result, again.error.values
         except BaseException as exc:
-            for node in culprits:
-                self.rejections.forget(step.executor, self.model, node)
+            for executor, node in culprits:
+                self.rejections.forget(executor, self.model, node)
             if isinstance(exc, (HeteroError, _PartitionFailed)):
-                raise self._run_error(failed) from failed.error
+                return self._give_up(failed)
             raise
+        if isinstance(failed.error, _NonFinite) and _same_answer(failed.error.result, result):
+            for executor, node in culprits:
+                self.rejections.forget(executor, self.model, node)
+            with self._lock:
+                self._own_non_finite.update(name for _, names in failed.error.suspects for name in names)
+            return result, values
         new_program.plan.notes.append(
-            f"{step.executor.name} failed at run time on {len(culprits)} node(s) "
-            f"({', '.join(n.name for n in culprits[:3])}); re-planned them elsewhere")
+            f"{failed.step.executor.name} failed at run time on {len(culprits)} node(s) "
+            f"({', '.join(n.name for _, n in culprits[:3])}): {reason}; re-planned them elsewhere")
         with self._lock:
             self._program = new_program
             self._restore_at = self.rejections.next_expiry()
         return result, values
 
+    def _give_up(self, failed: _PartitionFailed) -> tuple[dict, _Values]:
+        """No executor left to try: raise the failure's error; but NaN or infinity that no other
+        executor could check is answered as it is (with `defer_non_finite`, raised as
+        `NonFiniteError` carrying that answer)."""
+        error = failed.error
+        if isinstance(error, _NonFinite) and not self.defer_non_finite:
+            return error.result, error.values
+        raise self._run_error(failed) from error
+
     def _execute(self, program: _Program, arrays: dict, wanted: list[str],
                  call: _Call | None) -> tuple[dict, _Values]:
         if call is None:
-            values = program.values(arrays, self._trace)
+            values = self._values(program, arrays)
         else:
             values = call.attempt(program)
             call.replanning = False
         return program.execute(values, wanted), values
 
     def _run_error(self, failed: _PartitionFailed) -> RunError:
-        return RunError(f"model {self.model.label!r}: partition #{failed.step.index} on "
-                        f"{failed.step.executor.name} failed: {failed.error}")
+        message = (f"model {self.model.label!r}: partition #{failed.step.index} on "
+                   f"{failed.step.executor.name} failed: {failed.error}")
+        if isinstance(failed.error, _NonFinite):
+            return NonFiniteError(message, failed.error.result)
+        return RunError(message)
 
     def _maybe_restore(self) -> None:
         """Once the run-time rejections behind the current plan expire, re-plan in the background
@@ -846,8 +971,10 @@ def _initializer(model: Model, name: str) -> np.ndarray:
 def compile_plan(model: ModelSource, executors: Sequence[str | Executor] | str | None = None,
                  policy: str = "priority", *, affinity: Mapping[str, str | Executor] | None = None,
                  assignment: Mapping[str, str] | None = None, max_in_flight: int = 16,
-                 max_replans: int = 16, rejections: Rejections | None = None) -> Session:
-    """Plan (priority, manual, or a given assignment) and compile a model; returns a `Session`.
+                 max_replans: int = 16, rejections: Rejections | None = None,
+                 check_finite: bool = True) -> Session:
+    """Plan (priority, manual, or a given assignment) and compile a model; returns a `Session`
+    (`check_finite`: see `Session`).
 
     When a library rejects a partition at compile time, the nodes it rejects are recorded in the
     session's `rejections` and the model re-planned without them on that executor; the plan's
@@ -870,7 +997,8 @@ def compile_plan(model: ModelSource, executors: Sequence[str | Executor] | str |
             return the_plan, compiled
         raise CompileError(f"model {model.label!r}: gave up after {max_replans} re-plans; last: {notes[-1]}")
 
-    return Session(*build(), rebuild=build, max_in_flight=max_in_flight, rejections=rejections)
+    return Session(*build(), rebuild=build, max_in_flight=max_in_flight, rejections=rejections,
+                   check_finite=check_finite)
 
 
 class _Rejected(Exception):
