@@ -134,6 +134,67 @@ def test_grpc_typed_contents_every_datatype(server: Server) -> None:
         assert "'in_FP16'" in caught.value.details() and "raw_input_contents" in caught.value.details()
 
 
+def _non_finite() -> dict[str, np.ndarray]:
+    """`_extremes`, but NaN, infinity and -infinity for the float datatypes."""
+    return {name: np.array([np.nan, np.inf, -np.inf], array.dtype) if array.dtype.kind == "f" else array
+            for name, array in _extremes().items()}
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_nan_and_infinity_round_trip_over_http(server: Server, binary: bool) -> None:
+    """As Triton: NaN, Infinity and -Infinity written in JSON (not null), read back by tritonclient."""
+    values = _non_finite()
+    client = tritonhttp.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+    inputs = [tritonhttp.InferInput(f"in_{name}", [3], name).set_data_from_numpy(array, binary_data=binary)
+              for name, array in values.items()]
+    outputs = [tritonhttp.InferRequestedOutput(f"out_{name}", binary_data=binary) for name in values]
+    _check_outputs(client.infer("all_types", inputs, outputs=outputs), values)
+    client.close()
+    body = {"inputs": [{"name": f"in_{name}", "datatype": name, "shape": [3], "data": array.tolist()}
+                       for name, array in values.items()]}
+    response = httpx.post(f"http://127.0.0.1:{server.http_port}/v2/models/all_types/infer",
+                          content=json.dumps(body))  # Python writes NaN, Infinity and -Infinity too
+    assert response.status_code == 200, response.text
+    data = {output["name"]: output["data"] for output in json.loads(response.text)["outputs"]}
+    assert b"null" not in response.content
+    for name in ("FP16", "FP32", "FP64"):
+        assert str(data[f"out_{name}"]) == "[nan, inf, -inf]"
+
+
+def test_nan_and_infinity_over_grpc_raw_and_typed_contents(server: Server) -> None:
+    import grpc
+
+    values = _non_finite()
+    client = tritongrpc.InferenceServerClient(f"127.0.0.1:{server.grpc_port}")
+    inputs = [tritongrpc.InferInput(f"in_{name}", [3], name).set_data_from_numpy(array)
+              for name, array in values.items()]
+    _check_outputs(client.infer("all_types", inputs), values)
+    client.close()
+    typed = {name: array for name, array in values.items() if name in TYPED}
+    request = service_pb2.ModelInferRequest(model_name="typed")
+    for name, array in typed.items():
+        tensor = request.inputs.add(name=f"in_{name}", datatype=name, shape=array.shape)
+        getattr(tensor.contents, TYPED[name]).extend([x.encode() for x in array] if name == "BYTES"
+                                                     else array.tolist())
+    with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        _check_outputs(tritongrpc.InferResult(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
+            request)), typed)
+
+
+def test_big_json_data_with_nan_and_infinity_parsed_in_chunks(server: Server) -> None:
+    values = np.random.default_rng(1).standard_normal(300_000)
+    values[::1000], values[1::1000], values[2::1000] = np.nan, np.inf, -np.inf
+    tensor = {"name": "x", "datatype": "FP32", "shape": [300_000], "data": values.tolist()}
+    binary = [{"name": "y", "parameters": {"binary_data": True}}]
+    body = json.dumps({"inputs": [tensor], "outputs": binary}).encode()
+    assert len(body) > 3 << 20 and b"-Infinity" in body  # several chunks
+    response = _post_big(server.http_port, body)
+    assert response.status_code == 200, response.text[:300]
+    head = int(response.headers["Inference-Header-Content-Length"])
+    answer = np.frombuffer(response.content[head:], np.float32)
+    np.testing.assert_array_equal(answer, values.astype(np.float32))
+
+
 OUT_OF_RANGE = [  # (datatype, JSON data, words the error must carry besides the input's name)
     ("INT8", [300], "outside INT8's range -128..127"), ("UINT8", [-1], "outside UINT8's range"),
     ("UINT8", [256], "outside UINT8's range 0..255"), ("INT16", [40000], "outside INT16's range"),
@@ -145,6 +206,9 @@ OUT_OF_RANGE = [  # (datatype, JSON data, words the error must carry besides the
     ("FP32", [1.0, False], "must be numbers, got False"),
     ("FP64", ["x"], "must be numbers, got 'x'"), ("INT8", [True], "must be integers, got True"),
     ("BOOL", [1], "BOOL data must be true or false, got 1"), ("BYTES", [1], "BYTES data must be strings"),
+    ("INT32", [float("nan")], "INT32 data must be integers, got nan"),
+    ("UINT8", [float("inf")], "UINT8 data must be integers, got inf"),
+    ("INT64", [1, float("-inf")], "must be integers, got -inf"), ("BOOL", [float("nan")], "true or false"),
 ]
 
 
@@ -155,7 +219,7 @@ def test_json_values_outside_the_datatype_are_refused(server: Server, datatype: 
                "data": data if t == datatype else ["a"] if t == "BYTES" else [False] if t == "BOOL" else [0]}
               for t in ONNX_TYPES]
     response = httpx.post(f"http://127.0.0.1:{server.http_port}/v2/models/all_types/infer",
-                          json={"inputs": inputs})
+                          content=json.dumps({"inputs": inputs}))  # NaN and Infinity as Python writes them
     assert response.status_code == 400, response.text
     error = response.json()["error"]
     assert f"input 'in_{datatype}'" in error and words in error, error

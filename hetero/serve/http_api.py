@@ -36,6 +36,7 @@ from hetero.serve.protocol import (
     ServeError,
     datatype_of,
     http_status,
+    loads,
     public_message,
     to_bytes,
     to_json,
@@ -48,7 +49,7 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 _INLINE_BYTES = 64 << 10  # requests with more JSON are parsed and decoded off the event loop
 _SPAN_BYTES = 16 << 10  # numeric data arrays this long are cut out of the JSON before orjson parses it
 _TOKENS = re.compile(rb'"data"\s*:\s*\[|"[^"\\]*(?:\\.[^"\\]*)*"')  # a data array's start, or any string
-_NUMBERS = re.compile(rb"[-+0-9.eE,\s]*\]")  # the rest of a flat array of numbers
+_NUMBERS = re.compile(rb"[-+0-9.eENaInfity,\s]*\]")  # the rest of a flat array of numbers (NaN, Infinity)
 _SPAN = "\x00span:"
 _INFER = re.compile(r"/v2/models/(?P<model>[^/]+)(?:/versions/(?P<version>[^/]+))?/infer")
 
@@ -263,7 +264,7 @@ def build_app(server: Server) -> ASGIApp:
 
 def _object(data: bytes | memoryview, where: str) -> dict[str, Any]:
     try:
-        value = orjson.loads(data)
+        value = loads(data)
     except orjson.JSONDecodeError as exc:
         raise ServeError(f"{where} is not valid JSON: {exc}") from None
     if not isinstance(value, dict):

@@ -5,10 +5,14 @@ contents) or raw little-endian bytes (the binary tensor data extension, gRPC raw
 tensors' raw form is each element as a 4-byte little-endian length followed by its bytes
 (`tritonclient.utils` encodes and decodes it). Every value is checked against its datatype: a
 value outside the datatype's range or of the wrong kind is refused, never wrapped or rounded.
+NaN and infinities travel in JSON as Triton writes and reads them (RapidJSON's NaN, Infinity and
+-Infinity, which tritonclient's JSON parser reads too), not as strict JSON's null.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import re
 from collections.abc import Sequence
@@ -29,6 +33,7 @@ DATATYPES: dict[str, np.dtype] = {name: np.dtype(t) for name, t in [
 _NAMES = {dtype: name for name, dtype in DATATYPES.items()}
 MAX_RANK = 32  # numpy allows 64; no model has more than a handful
 _CHUNK = 1 << 20  # JSON number text parsed this many bytes at a time
+_NON_FINITE = re.compile(rb"NaN|Infinity")
 _ABSOLUTE_PATH = re.compile(r"(?<![^\s'\"(=])/(?:[^\s/'\"]+/)*[^\s/'\"]+")  # /a/b at a word's start
 
 
@@ -65,6 +70,18 @@ def datatype_of(dtype: np.dtype | None, where: str) -> str:
     if name is None:
         raise ServeError(f"{where}: element type {dtype} has no Open Inference Protocol datatype", 500)
     return name
+
+
+def loads(text: bytes | memoryview) -> Any:
+    """JSON parsed by orjson, or where it holds NaN, Infinity or -Infinity (which orjson refuses),
+    by Python's parser; raises orjson's `JSONDecodeError`."""
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as error:
+        if _NON_FINITE.search(text):
+            with contextlib.suppress(ValueError, RecursionError):
+                return json.loads(bytes(text))
+        raise error from None
 
 
 @dataclass(frozen=True)
@@ -172,7 +189,7 @@ def _from_text(text: bytes | memoryview, dtype: np.dtype, where: str) -> np.ndar
         stop = bytes(text[start + _CHUNK:start + _CHUNK + 64]).find(b",")  # numbers are short
         stop = len(text) if stop < 0 else start + _CHUNK + stop
         try:
-            values = orjson.loads(b"".join((b"[", text[start:stop], b"]")))
+            values = loads(b"".join((b"[", text[start:stop], b"]")))
         except orjson.JSONDecodeError as exc:
             raise ServeError(f"{where}: data is not valid JSON: {exc}") from None
         pieces.append(_from_list(values, dtype, where, literals=False))  # the cut text has no letters
@@ -241,11 +258,19 @@ def to_bytes(array: np.ndarray) -> bytes:
     return np.ascontiguousarray(array, array.dtype.newbyteorder("<")).tobytes()
 
 
-def to_json(array: np.ndarray) -> np.ndarray | list[Any]:
-    """Flat JSON data of a tensor (numbers as a flat array orjson writes, BYTES as UTF-8 text)."""
+def to_json(array: np.ndarray) -> np.ndarray | list[Any] | orjson.Fragment:
+    """Flat JSON data of a tensor (numbers as a flat array orjson writes, BYTES as UTF-8 text; NaN
+    and infinities as Triton writes them, where orjson would write null)."""
     if array.dtype.kind in "OSU":
         return [x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x) for x in array.ravel()]
-    return np.ascontiguousarray(array).ravel()
+    flat = np.ascontiguousarray(array).ravel()
+    if flat.dtype.kind != "f" or np.isfinite(flat).all():
+        return flat
+    pieces = orjson.dumps(flat, option=orjson.OPT_SERIALIZE_NUMPY).split(b"null")  # one per non-finite
+    text = [pieces[0]]
+    for value, piece in zip(flat[~np.isfinite(flat)].tolist(), pieces[1:], strict=True):
+        text += [b"NaN" if value != value else b"Infinity" if value > 0 else b"-Infinity", piece]
+    return orjson.Fragment(b"".join(text))
 
 
 def dims(shape: Sequence[int | str | None] | None) -> list[int]:
