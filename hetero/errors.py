@@ -87,14 +87,15 @@ class RunError(ExecutorError):
 
 
 class NonFiniteError(RunError):
-    """A partition gave NaN or infinity from finite inputs, and no other executor or replica could
-    tell whether that is the model's own answer. `outputs` holds that answer ({name: array}):
-    a `ReplicaPool` raises this only when its replicas disagree, and returns `outputs` when
-    every replica gives them."""
+    """A partition gave NaN or infinity in `tensors` from finite inputs, and its session had no
+    other executor to ask whether that is the model's own answer (`outputs`, {name: array}). A
+    session in a `ReplicaPool` raises it so that the pool asks another replica; the pool returns
+    `outputs` when every replica it tried gave NaN or infinity too."""
 
-    def __init__(self, message: str, outputs: dict):
+    def __init__(self, message: str, outputs: dict, tensors: tuple[str, ...] = ()):
         super().__init__(message)
         self.outputs = outputs
+        self.tensors = tensors
 
 
 class ReplicaLostError(RunError):

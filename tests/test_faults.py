@@ -388,10 +388,41 @@ def test_a_model_whose_own_answer_is_nan_or_inf_is_answered_and_blames_no_one(ou
     assert not any("failed" in note for note in session.plan.notes)
     alone = hetero.compile(model, [FaultyExecutor(69)]).run(EDGES)  # nowhere else to ask: answered as is
     np.testing.assert_array_equal(alone[outputs[0]], expected[outputs[0]])
-    pool = hetero.ReplicaPool([hetero.compile(model, [FaultyExecutor(66 + i)]) for i in range(2)])
-    np.testing.assert_array_equal(pool.run(EDGES, timeout=MARGIN_S)[outputs[0]], expected[outputs[0]])
+    devices = [FaultyExecutor(66 + i) for i in range(2)]
+    pool = hetero.ReplicaPool([hetero.compile(model, [d]) for d in devices])
+    for _ in range(2):
+        np.testing.assert_array_equal(pool.run(EDGES, timeout=MARGIN_S)[outputs[0]], expected[outputs[0]])
     assert [r.failed for r in pool.replicas] == [0, 0]
+    assert sum(d.calls for d in devices) == 3  # both replicas asked once; then the answer is known
     pool.close(timeout=MARGIN_S)
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning", "ignore:invalid value:RuntimeWarning")
+def test_requests_flagged_while_the_model_s_own_nan_is_being_confirmed_are_answered_without_re_planning():
+    model = _edge_model(["log_x", "root"])
+    device = FaultyExecutor(70, {"Log", "Sqrt"})
+    session = hetero.compile(model, [device, "numpy"])
+    rebuild, entered, proceed, rebuilds = session._rebuild, threading.Event(), threading.Event(), []
+
+    def slow_rebuild():
+        rebuilds.append(1)
+        entered.set()
+        proceed.wait(MARGIN_S)
+        return rebuild()
+
+    session._rebuild = slow_rebuild
+    first = session.submit(EDGES)
+    assert entered.wait(MARGIN_S)
+    calls = device.calls
+    second = session.submit(EDGES)  # flagged too, while the first re-plans
+    deadline = time.monotonic() + MARGIN_S
+    while device.calls == calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.05)
+    proceed.set()
+    for future in (first, second):
+        np.testing.assert_array_equal(future.result(timeout=MARGIN_S)["log_x"], np.log(EDGES["x"]))
+    assert len(rebuilds) == 1
 
 
 def test_nan_from_a_nan_input_is_no_fault(model):

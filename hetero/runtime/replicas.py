@@ -107,7 +107,7 @@ class _Job:
     excluded: set[int] = field(default_factory=set)
     running: set[int] = field(default_factory=set)  # replicas working on it now
     error: BaseException | None = None  # the last attempt's, returned if no replica is left
-    non_finite: set[int] = field(default_factory=set)  # replicas that answered NaN or infinity
+    non_finite: dict[int, NonFiniteError] = field(default_factory=dict)  # replicas that answered NaN
     timer: Timer | None = None
 
 
@@ -377,7 +377,7 @@ class ReplicaPool(Requests):
                     self.replicas[other].failed += 1
             else:
                 if isinstance(error, NonFiniteError):
-                    job.non_finite.add(index)
+                    job.non_finite[index] = error
                 else:
                     replica.failed += 1
                 replica.retired = replica.retired or isinstance(error, ReplicaLostError)
@@ -391,8 +391,11 @@ class ReplicaPool(Requests):
             self._cond.notify_all()
         if error is None:
             settle(job.future, attempt.result())
-        elif give_up and isinstance(job.error, NonFiniteError) and job.non_finite == job.excluded:
-            settle(job.future, job.error.outputs)  # every replica tried gave it: the model's own
+        elif give_up and isinstance(job.error, NonFiniteError) and job.non_finite.keys() == job.excluded:
+            for other, answer in job.non_finite.items():  # every replica tried gave it: the model's own
+                if isinstance(self.replicas[other].session, Session):
+                    self.replicas[other].session.confirm_non_finite(answer.tensors)
+            settle(job.future, job.error.outputs)
         elif give_up:
             settle(job.future, error=job.error)
         self._fail(stranded)

@@ -89,16 +89,16 @@ class _PartitionFailed(Exception):
 
 
 class _NonFinite(Exception):
-    """Partitions gave NaN or infinity from finite inputs (`suspects`: each step with the tensors);
-    `non_finite` names every non-finite tensor of the attempt, `result` and `values` are its
-    complete answer, in case that is the model's own."""
+    """Partitions of `program` gave NaN or infinity from finite inputs (`suspects`: each step with
+    those tensors); `result` and `values` are the attempt's complete answer, in case that is the
+    model's own."""
 
-    def __init__(self, program: _Program, suspects: list[tuple[_Step, list[str]]], non_finite: set[str],
-                 result: dict[str, Any], values: _Values):
+    def __init__(self, program: _Program, suspects: list[tuple[_Step, list[str]]], result: dict[str, Any],
+                 values: _Values):
         names = ", ".join(repr(name) for name in suspects[0][1])
         super().__init__(f"NaN or infinity in {names} from finite inputs")
-        self.program, self.suspects, self.non_finite = program, suspects, non_finite
-        self.result, self.values = result, values
+        self.program, self.suspects, self.result, self.values = program, suspects, result, values
+        self.tensors = tuple(name for _, names in suspects for name in names)
 
     def nodes(self, step: _Step) -> set[str]:
         return {node.name for node in self.program.plan.partitions[step.index].nodes}
@@ -233,7 +233,7 @@ class _Values:
             new = [name for name in bad if name not in self.own_non_finite]
             if finite_inputs and new:
                 suspects.append((step, new))
-        return _NonFinite(program, suspects, seen, result, self) if suspects else None
+        return _NonFinite(program, suspects, result, self) if suspects else None
 
     def _finite_input(self, name: str) -> bool:
         value = self.inputs.get(name)
@@ -785,6 +785,9 @@ class Session(Requests):
                     call.expire()
                 raise _Stopped
             try:
+                error = failed.error
+                if isinstance(error, _NonFinite) and self._own_non_finite.issuperset(error.tensors):
+                    return error.result, error.values  # confirmed the model's own meanwhile
                 if self._program is program:
                     return self._trial(program, failed, arrays, wanted, call)
                 program = self._program
@@ -836,8 +839,7 @@ class Session(Requests):
         if isinstance(failed.error, _NonFinite) and _same_answer(failed.error.result, result):
             for executor, node in culprits:
                 self.rejections.forget(executor, self.model, node)
-            with self._lock:
-                self._own_non_finite.update(name for _, names in failed.error.suspects for name in names)
+            self.confirm_non_finite(failed.error.tensors)
             return result, values
         new_program.plan.notes.append(
             f"{failed.step.executor.name} failed at run time on {len(culprits)} node(s) "
@@ -846,6 +848,12 @@ class Session(Requests):
             self._program = new_program
             self._restore_at = self.rejections.next_expiry()
         return result, values
+
+    def confirm_non_finite(self, tensors: Iterable[str]) -> None:
+        """NaN or infinity in these tensors is the model's own (other executors gave the same):
+        the session stops checking them."""
+        with self._lock:
+            self._own_non_finite.update(tensors)
 
     def _give_up(self, failed: _PartitionFailed) -> tuple[dict, _Values]:
         """No executor left to try: raise the failure's error; but NaN or infinity that no other
@@ -869,7 +877,7 @@ class Session(Requests):
         message = (f"model {self.model.label!r}: partition #{failed.step.index} on "
                    f"{failed.step.executor.name} failed: {failed.error}")
         if isinstance(failed.error, _NonFinite):
-            return NonFiniteError(message, failed.error.result)
+            return NonFiniteError(message, failed.error.result, failed.error.tensors)
         return RunError(message)
 
     def _maybe_restore(self) -> None:
