@@ -433,3 +433,22 @@ def test_nan_from_a_nan_input_is_no_fault(model):
     feeds = example_feeds(model)
     feeds["images"][0, 0, 0, 0] = np.nan
     assert np.isnan(session.run(feeds)["logits"]).all()
+
+
+def test_each_library_tells_nan_and_infinity_in_its_own_arrays():
+    """`all_finite` on each executor's own arrays (torch's tensors, a simulated card's, CuPy's host
+    twin, ...): a bool, a 0-d boolean read later, or None where the library cannot tell."""
+    from hetero import executors
+    from hetero.executors.cupy_executor import CupyExecutor
+    from hetero.executors.sim_executor import simulate
+
+    told = {}
+    for executor in [*executors.available(), CupyExecutor.on_host(),
+                     *simulate({"devices": [{"like": "numpy", "speed": 1}]})]:
+        flags = [executor.all_finite(executor.to_device(np.array(values, dtype)))
+                 for values, dtype in [([1, 2], np.float32), ([1, np.nan], np.float32),
+                                       ([-np.inf, 0], np.float64), ([1, 2], np.int64)]]
+        told[executor.name] = None if flags[0] is None else [bool(flag) for flag in flags]
+    assert told["numpy@cpu"] == told["sim@sim:0"] == told["cupy@cpu"] == [True, False, False, True]
+    assert told.get("torch@cpu", [True, False, False, True]) == [True, False, False, True]  # on its tensors
+    assert all(flags in (None, [True, False, False, True]) for flags in told.values()), told
