@@ -242,3 +242,36 @@ def test_cancelled_timers_do_not_pile_up_on_the_clock() -> None:
     for _ in range(10_000):
         workers.call_later(3600, lambda: None).cancel()
     assert len(workers._clock._heap) < 1000
+
+
+def test_clock_survives_timers_due_never_and_callbacks_raising_anything() -> None:
+    """A timeout of 1e10 s or inf (a caller's 'no deadline') once stopped the clock's thread for good
+    (Condition.wait overflowed), and with it every later deadline and stall check."""
+    from hetero.runtime import workers
+
+    class Escaped(BaseException):
+        pass
+
+    def escape() -> None:
+        raise Escaped
+
+    workers.call_later(1e10, lambda: None)
+    workers.call_later(float("inf"), lambda: None)
+    workers.call_later(0.01, escape)
+    done = threading.Event()
+    workers.call_later(0.05, done.set)
+    assert done.wait(30)
+
+
+def test_deadlines_fire_after_a_timeout_of_inf() -> None:
+    """`Session.submit` and `ReplicaPool.submit` futures fail at their deadline (the clock's timer),
+    not when the slow run ends, even after a request whose timeout was inf."""
+    session = hetero.compile(small_cnn(), [StubExecutor(16, seconds_per_call=1.0)], max_in_flight=4)
+    pool = hetero.ReplicaPool([session])
+    feeds = example_feeds(session.model)
+    session.submit(feeds, timeout=float("inf")).result(30)
+    pool.submit(feeds, timeout=float("inf")).result(30)
+    for requests in (session, pool):
+        with pytest.raises(hetero.DeadlineExceededError):
+            requests.submit(feeds, timeout=0.05).result(0.9)  # the run itself takes 1 s
+    pool.close(timeout=30)

@@ -99,6 +99,9 @@ class Timer:
             fn()
 
 
+_MAX_SLEEP_S = 3600.0  # Condition.wait raises OverflowError past ~300 years (a timeout of 1e10 s or inf)
+
+
 class _Clock:
     """Timers on one thread: a heap of due times, the thread asleep until the soonest. Adding a timer
     wakes the thread only when it is due before every other one (requests add two timers each, a
@@ -139,10 +142,10 @@ class _Clock:
                     if left is not None and left <= 0:
                         timer = heapq.heappop(self._heap)[2]
                         break
-                    self._cond.wait(left)
+                    self._cond.wait(None if left is None else min(left, _MAX_SLEEP_S))
             try:
                 timer._fire()
-            except Exception:  # a callback's bug must not stop every later timer
+            except BaseException:  # a callback's bug must not stop every later timer
                 log.exception("timer callback failed")
 
 
