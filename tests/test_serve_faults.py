@@ -65,8 +65,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @pytest.fixture(autouse=True)
-def healthy_afterwards(server: Server) -> Iterator[None]:
-    """No hetero thread dies, nothing stays queued, no request bytes stay reserved."""
+def healthy_afterwards(server: Server, caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """No hetero thread dies, nothing stays queued, no request bytes stay reserved, no fault is logged
+    as the server's own internal error."""
     GATE.clear()
     RAN.clear()
     before = {t.name for t in threading.enumerate() if t.name.startswith("hetero-")}
@@ -78,6 +79,7 @@ def healthy_afterwards(server: Server) -> Iterator[None]:
     after = {t.name for t in threading.enumerate() if t.name.startswith("hetero-")}
     assert before <= after, before - after
     assert server.budget.held == 0
+    assert not [r for r in caplog.get_records("call") if r.getMessage() == "internal error"]
     for served in server.repository.ready():
         assert not served.batcher._pending
     assert _grpc_infer(server, "faulty", NORMAL, 99.0, timeout=10).as_numpy("y").tolist() == [[1.0, 100.0]]
@@ -241,3 +243,68 @@ def test_unload_with_a_hung_kernel_is_bounded(tmp_path: Path) -> None:
     finally:
         GATE.set()
         server.stop()
+
+
+def test_a_call_over_before_its_request_was_queued_is_dropped(server: Server) -> None:
+    """A gRPC call that ended (client gone) before its cancel callback could be registered: its request
+    is cancelled at once, never run."""
+    from hetero.serve.protocol import InferInput, ServeError
+
+    hung = _in_background(_grpc_infer, server, "faulty", HANG, 100.0, 30)
+    _until_running(100.0)
+    with pytest.raises(ServeError, match="call ended before its answer") as caught:
+        server.infer_blocking("grpc", "faulty", "", [InferInput("x", "FP32", (1, 2), data=[NORMAL, 7.0])],
+                              None, on_end=lambda _: False)  # what grpcio's add_callback says then
+    assert caught.value.status == 499
+    GATE.set()
+    hung[0].join(15)
+    assert sorted(RAN) == [100.0]
+
+
+def test_stop_with_calls_in_flight(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Three gRPC calls fill max_connections (a kernel hung, a batch of another model waiting for the
+    same CPU, a request queued): the next are refused at once. Stopping answers every call in flight
+    (HTTP too) within the shutdown timeout, counted once for all models, and leaves none of the
+    server's gRPC threads behind."""
+    for name in ("faulty", "other"):
+        (tmp_path / name / "1").mkdir(parents=True)
+        onnx.save(_faulty(), tmp_path / name / "1" / "model.onnx")
+        (tmp_path / name / "config.yaml").write_text("executors: [numpy]\ncpu_streams: 1\n")
+    GATE.set()
+    before = set(threading.enumerate())
+    server = Server(tmp_path, http_port=0, grpc_port=0, max_connections=3, shutdown_timeout_s=2.0).start()
+    GATE.clear()
+    RAN.clear()  # the models' warm-up runs
+    try:
+        calls = [_in_background(_grpc_infer, server, "faulty", HANG, 1.0, 30)]
+        _until_running(1.0)
+        calls.append(_in_background(_grpc_infer, server, "other", NORMAL, 2.0, 30))
+        other = server.repository.get("other").batcher
+        deadline = time.monotonic() + 10
+        while not other._in_flight and time.monotonic() < deadline:  # sent to its replica, which
+            time.sleep(0.01)  # waits for the CPU
+        calls += [_in_background(_grpc_infer, server, "faulty", NORMAL, 3.0, 30),
+                  _in_background(_http_infer, server, "other", NORMAL, 4.0)]
+        time.sleep(0.3)
+        for ident in (5.0, 6.0):
+            refused = _in_background(_grpc_infer, server, "faulty", NORMAL, ident, 30)
+            refused[0].join(15)
+            assert "RESOURCE_EXHAUSTED" in str(refused[1]["error"]) and refused[1]["seconds"] < 3
+        start = time.perf_counter()
+        server.stop()
+        assert time.perf_counter() - start < 4.0  # one 2 s timeout, not one per listener and model
+        for thread, outcome in calls:
+            thread.join(15)
+            assert "error" in outcome and outcome["seconds"] < 10, outcome
+        assert "the server stopped before answering" in str(calls[-1][1]["error"])
+        assert sorted(RAN) == [1.0]
+    finally:
+        GATE.set()
+        server.stop()
+    _until_running(2.0)  # the batch waiting for the CPU runs once it is free; the queued ones never
+    assert sorted(RAN) == [1.0, 2.0]
+    deadline = time.monotonic() + 10
+    while any(t.name.startswith("hetero-grpc") for t in set(threading.enumerate()) - before):
+        assert time.monotonic() < deadline, "the gRPC thread pool outlived its server"
+        time.sleep(0.05)
+    assert not [r for r in caplog.records if r.getMessage() == "internal error"]

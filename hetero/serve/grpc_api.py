@@ -117,10 +117,11 @@ class InferenceService(service_pb2_grpc.GRPCInferenceServiceServicer):
 
     @_rpc()
     def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        remaining = context.time_remaining()  # huge without a deadline
         with self.server.budget.reserve(2 * request.ByteSize()):
+            inputs = _inputs(request)
+            remaining = context.time_remaining()  # huge without a deadline
             served, results = self.server.infer_blocking(
-                "grpc", request.model_name, request.model_version, _inputs(request),
+                "grpc", request.model_name, request.model_version, inputs,
                 [o.name for o in request.outputs] or None, on_end=context.add_callback,
                 timeout_s=remaining if remaining < threading.TIMEOUT_MAX else None)
         response = pb.ModelInferResponse(model_name=served.name, model_version=served.version, id=request.id)

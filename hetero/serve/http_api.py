@@ -254,6 +254,9 @@ def build_app(server: Server) -> ASGIApp:
             response = await infer(request, found["model"], found["version"] or "")
         except HeteroError as exc:
             response = await refused(request, exc)
+        except asyncio.CancelledError:  # the server is stopping and its shutdown timeout passed first
+            response = _json({"error": "the server stopped before answering (its shutdown timeout passed)"},
+                             503, {"connection": "close"})
         except Exception as exc:
             log.error("internal error", exc_info=exc, extra={"fields": {"path": scope["path"]}})
             response = await crashed(request, exc)

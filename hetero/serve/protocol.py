@@ -11,6 +11,7 @@ NaN and infinities travel in JSON as Triton writes and reads them (RapidJSON's N
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -59,6 +60,8 @@ def http_status(error: BaseException) -> int:
         return 503
     if isinstance(error, TimeoutError):
         return 504
+    if isinstance(error, asyncio.CancelledError):  # an HTTP request the stopping server gave up on
+        return 503
     return 500
 
 

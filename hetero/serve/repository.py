@@ -13,6 +13,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from pathlib import Path
@@ -251,7 +252,9 @@ class Repository:
         return public_message(ModelError(self._paths.sub("", message)))
 
     def unload(self, name: str, timeout_s: float = 30.0) -> None:
-        """Stop taking requests for the model, finish those queued, release its replicas."""
+        """Stop taking requests for the model, finish those queued (within `timeout_s` for all its
+        versions together), release its replicas."""
+        deadline = time.monotonic() + timeout_s
         with self._changing:
             with self._lock:
                 if name not in self._served and name not in self._states:
@@ -259,7 +262,7 @@ class Repository:
                 served = self._served.pop(name, {})
                 self._states[name] = {v: (UNLOADING, "") for v in served}
             for model in served.values():
-                model.close(timeout_s)
+                model.close(max(0.0, deadline - time.monotonic()))
             with self._lock:
                 self._states[name] = {v: (UNAVAILABLE, UNLOADED) for v in served or [""]}
             log.info("model unloaded", extra={"fields": {"model": name}})
@@ -314,9 +317,10 @@ class Repository:
                        for versions in self._states.values() for state, reason in versions.values())
 
     def close(self, timeout_s: float = 30.0) -> None:
-        """Unload everything, finishing queued requests."""
+        """Unload everything, finishing queued requests within `timeout_s` for all models together."""
+        deadline = time.monotonic() + timeout_s
         for name in list(self._served):
-            self.unload(name, timeout_s)
+            self.unload(name, max(0.0, deadline - time.monotonic()))
 
 
 def _versions(folder: Path, config: ModelConfig) -> list[str]:

@@ -102,6 +102,7 @@ class Server:
         except BaseException:
             self._thread.join()
             self._grpc.stop(None)
+            self._grpc_workers.shutdown(wait=False)
             self.repository.close()
             raise
         self._grpc.start()
@@ -117,11 +118,13 @@ class Server:
         if thread is None or self._loop is None or self._stop is None or self._grpc is None:
             return
         self.ready = False
+        deadline = time.monotonic() + self.shutdown_timeout_s
         self._loop.call_soon_threadsafe(self._stop.set)
         stopped = self._grpc.stop(self.shutdown_timeout_s)
         thread.join()
-        stopped.wait(self.shutdown_timeout_s)
-        self.repository.close(self.shutdown_timeout_s)
+        stopped.wait(max(0.0, deadline - time.monotonic()))
+        self._grpc_workers.shutdown(wait=False)  # grpcio leaves the pool it was given running
+        self.repository.close(max(0.0, deadline - time.monotonic()))
         log.info("stopped")
 
     def serve_forever(self) -> None:
@@ -137,8 +140,8 @@ class Server:
 
     def _grpc_server(self) -> grpc.Server:
         """The gRPC listener, bound and not yet started: one pool thread per call in progress."""
-        workers = ThreadPoolExecutor(self.max_connections, thread_name_prefix="hetero-grpc")
-        rpc = grpc.server(workers, maximum_concurrent_rpcs=self.max_connections, options=[
+        self._grpc_workers = ThreadPoolExecutor(self.max_connections, thread_name_prefix="hetero-grpc")
+        rpc = grpc.server(self._grpc_workers, maximum_concurrent_rpcs=self.max_connections, options=[
             ("grpc.max_receive_message_length", self.max_request_bytes),
             ("grpc.max_send_message_length", -1), ("grpc.so_reuseport", 0),
             ("grpc.max_connection_idle_ms", int(self.idle_timeout_s * 1e3))])
@@ -147,6 +150,7 @@ class Server:
             self.grpc_port = rpc.add_insecure_port(f"{self.host}:{self.grpc_port}")
         except RuntimeError as exc:
             rpc.stop(None)
+            self._grpc_workers.shutdown(wait=False)
             raise OSError(f"cannot listen for gRPC on {self.host}:{self.grpc_port}: {exc}") from None
         return rpc
 
@@ -234,20 +238,28 @@ class Server:
                        on_end: Callable[[Callable[[], None]], object] = lambda _: None,
                        ) -> tuple[ServedModel, dict[str, np.ndarray]]:
         """`infer` for a caller on a thread of its own (a gRPC call): waits for the answer there.
-        `on_end` registers a callback for when the call ends early (the client cancelled it or went
-        away): the request is then cancelled (dropped if still queued) and this returns at once."""
+        `on_end` registers a callback for when the call ends (the client cancelled it, went away or
+        its deadline passed), returning False if the call is already over: the request is then
+        cancelled (dropped if still queued) and this returns at once."""
+        expires = None if timeout_s is None else time.monotonic() + timeout_s
         with self._accounted(protocol, name, version, timeout_s) as entry:
             served = entry.served = self.repository.get(name, version)
             future = served.submit(*served.decode(inputs, outputs))
             settled = threading.Event()
             future.add_done_callback(lambda _: settled.set())
-            on_end(lambda: (future.cancel(), settled.set()))
-            if not settled.wait(timeout_s):
+
+            def ended() -> None:
                 future.cancel()
-                raise _past(name, timeout_s)
-            if not future.done():
+                settled.set()
+            if on_end(ended) is False:
+                ended()
+            settled.wait(timeout_s)
+            if not future.done() or future.cancelled():
                 future.cancel()
-                raise ServeError(f"model {name!r}: the client cancelled the request", 499)
+                if expires is not None and time.monotonic() >= expires:
+                    raise _past(name, timeout_s)
+                raise ServeError(f"model {name!r}: the call ended before its answer (its client "
+                                 "cancelled it, or the server is stopping)", 499)
             return served, future.result()
 
     @contextlib.contextmanager
