@@ -267,6 +267,79 @@ def test_bad_requests_then_valid(raw: httpx.Client, http) -> None:
     np.testing.assert_allclose(result.as_numpy("logits"), _expected("2", _images()), rtol=1e-5, atol=1e-6)
 
 
+def _raw_http(server: Server, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """One request over a fresh socket, exactly as written (no client normalises its path)."""
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=10) as sock:
+        sock.sendall(request)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    headers = {name.lower(): value for name, value in (line.split(": ", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize(("method", "path", "status", "words"), [
+    ("POST", "/v2/models/c%6En/infer", 200, None),  # percent-encoded name: decoded, as FastAPI did
+    ("POST", "/v2/models/cnn/versions/1/infer?x=1", 200, None),
+    ("POST", "/v2/models//infer", 404, "POST /v2/models//infer: Not Found"),
+    ("POST", "/v2/models/cnn/versions//infer", 404, "Not Found"),
+    ("POST", "/v2/models/a%2Fb/infer", 404, "POST /v2/models/a/b/infer: Not Found"),
+    ("POST", "/v2/models/../infer", 404, "unknown model '..'"),
+    ("POST", "/v2/models/nope/infer", 404, "unknown model 'nope'"),  # naming no other model
+    ("PUT", "/v2/models/cnn/infer", 405, "PUT /v2/models/cnn/infer: Method Not Allowed"),
+    ("OPTIONS", "/v2/models/cnn/versions/1/infer", 405, "Method Not Allowed"),
+    ("HEAD", "/v2/models/cnn/infer", 405, None),
+    ("POST", "/v2/models/cnn/infer/", 307, None),  # FastAPI's redirect to the path without the slash
+])
+def test_infer_paths_answer_as_the_routed_app_did(server: Server, method: str, path: str, status: int,
+                                                  words: str | None) -> None:
+    """Inference requests skip FastAPI's router: odd paths and other methods still get its answers."""
+    body = json.dumps(_request()).encode() if method in ("POST", "PUT") else b""
+    code, headers, reply = _raw_http(server, f"{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                     f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    assert code == status, reply
+    if status == 200:
+        assert json.loads(reply)["outputs"][0]["shape"] == [1, 10]
+    elif status == 405:
+        assert headers["allow"] == "POST"
+    elif status == 307:
+        assert headers["location"].endswith("/v2/models/cnn/infer")
+    if words is not None:
+        error = json.loads(reply)["error"]
+        assert words in error and "spare" not in error, error
+
+
+def test_chunked_request_body(server: Server, raw: httpx.Client) -> None:
+    body = json.dumps(_request()).encode()
+    pieces = iter([body[:10], body[10:5000], body[5000:]])
+    response = raw.post("/v2/models/cnn/versions/1/infer", content=pieces)  # no Content-Length: chunked
+    assert response.request.headers["transfer-encoding"] == "chunked"
+    logits = np.array(response.json()["outputs"][0]["data"], np.float32).reshape(1, 10)
+    np.testing.assert_allclose(logits, _expected("1", _images()), rtol=1e-5, atol=1e-6)
+
+
+def test_internal_error_is_a_500_without_details(server: Server, raw: httpx.Client, grpc,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A bug of the server's own (not a Hetero error) answers a bare 500 / INTERNAL; the log has the
+    traceback."""
+    def crash(*_: object) -> None:
+        raise KeyError("internal detail /etc/secret")
+    monkeypatch.setattr(server.repository.get("cnn", "1"), "decode", crash)
+    response = raw.post("/v2/models/cnn/versions/1/infer", content=json.dumps(_request()).encode())
+    assert response.status_code == 500
+    assert response.json() == {"error": "internal error (KeyError); the server log has the details"}
+    tensor = tritongrpc.InferInput("images", [1, 3, 32, 32], "FP32")
+    tensor.set_data_from_numpy(_images())
+    with pytest.raises(InferenceServerException) as caught:
+        grpc.infer("cnn", [tensor], model_version="1")
+    assert "StatusCode.INTERNAL" in caught.value.status() and "secret" not in caught.value.message()
+    crashes = [r for r in caplog.records if r.getMessage() == "internal error"]
+    assert len(crashes) == 2 and all(r.exc_info and r.exc_info[0] is KeyError for r in crashes)
+
+
 def test_bad_grpc_requests(grpc) -> None:
     cases = [("nope", "FP32", _images(), "NOT_FOUND"), ("cnn", "INT64", _images().astype(np.int64),
              "INVALID_ARGUMENT"), ("cnn", "FP32", _images()[:, :2], "INVALID_ARGUMENT"),
