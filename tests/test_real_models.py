@@ -300,6 +300,41 @@ def test_a_failed_replan_keeps_the_first_runner_serving():
     runner.close()
 
 
+def test_replanning_plans_only_on_a_request_the_model_answered():
+    """A first request the model refuses (dtype, rank), fails on (odd H and W) or that is empty
+    (batch 0) is answered as Session.run answers it, never planned on, and does not keep the
+    planning from starting on the next good one."""
+    from hetero.runtime.replanning import Replanning
+
+    model = hetero.load(_dynamic_detector())
+    first = hetero.compile(model, ["numpy"])
+    planned_on = []
+
+    def replan(samples):
+        planned_on.extend(sample["images"].shape for sample in samples)
+        return hetero.compile(model, ["numpy"])
+
+    runner = Replanning(first, replan)
+    with pytest.raises(hetero.InputError, match="must be float32"):
+        runner.run({"images": np.ones((1, 3, 8, 8), np.int64)})
+    with pytest.raises(hetero.InputError, match="rank 4"):
+        runner.run({"images": np.ones((3, 8, 8), np.float32)})
+    with pytest.raises(Exception):  # noqa: B017 (whatever the library raises, as Session.run does)
+        runner.run({"images": np.ones((1, 3, 3, 3), np.float32)})
+    empty = {"images": np.ones((0, 3, 8, 8), np.float32)}
+    assert runner.run(empty)["out"].shape == first.run(empty)["out"].shape == (0, 6, 8, 8)
+    assert not runner.wait_planned(timeout=0.2) and runner.status == "planning on first requests"
+    feeds = {"images": np.random.default_rng(2).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    want = _onnxruntime(_dynamic_detector(), feeds)["out"]
+    np.testing.assert_allclose(runner.run(feeds)["out"], want, rtol=1e-5, atol=1e-5)
+    assert runner.wait_planned(timeout=30) and runner.status == "measured"
+    assert planned_on == [(2, 3, 8, 8)] and runner.runner is not first
+    odd = {"images": np.random.default_rng(3).standard_normal((5, 3, 4, 6)).astype(np.float32)}
+    np.testing.assert_allclose(runner.run(odd)["out"], _onnxruntime(_dynamic_detector(), odd)["out"],
+                               rtol=1e-5, atol=1e-5)  # another shape after the re-plan
+    runner.close()
+
+
 def test_reduced_precision_error_is_reported_per_output_over_every_sample():
     from hetero.runtime.tuning import _relative_errors
 

@@ -2,13 +2,15 @@
 input dims are unknown until requests arrive.
 
 It starts on a `priority` runner (no measuring, so no inputs needed), keeps copies of its first
-requests, then builds the measured runner on them in a background thread and swaps it in.
-Requests keep being answered throughout: each runs on the runner current when it was submitted,
-and the replaced runner is closed once its requests are done.
+answered requests, then builds the measured runner on them in a background thread and swaps it
+in. Requests keep being answered throughout: each runs on the runner current when it was
+submitted, and the replaced runner is closed once its requests are done. A request the model
+refuses or fails on, or an empty one (a zero dim: nothing to measure), is never planned on.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -22,7 +24,7 @@ from hetero.graph import Model
 from hetero.planner import MEASURED_POLICIES
 from hetero.runtime.replicas import ReplicaPool
 from hetero.runtime.samples import representative
-from hetero.runtime.session import Feeds, Requests, Session, compile_plan
+from hetero.runtime.session import Feeds, Requests, Session, check_feeds, compile_plan
 from hetero.runtime.tuning import tune_latency
 
 log = logging.getLogger("hetero.runtime")
@@ -31,7 +33,7 @@ Runner = Session | ReplicaPool
 
 class Replanning(Requests):
     """Requests go to `first` until `replan(samples)` built a runner from the first `samples`
-    requests (copies of their feeds); that runner then takes every new request.
+    requests answered (copies of their feeds, none empty); that runner then takes every new request.
 
     `status` says where it stands: "planning on first requests", "planning", "measured",
     "kept priority plan: <error>" (a failed re-plan leaves the first runner serving) or "closed
@@ -44,7 +46,8 @@ class Replanning(Requests):
         self._wanted = max(1, samples)
         self._samples: list[Feeds] = []
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._planning = False  # planning started
+        self._planned = threading.Event()
         self._closed = False
         self.status = "planning on first requests"
         self.max_in_flight = first.max_in_flight
@@ -76,22 +79,32 @@ class Replanning(Requests):
 
     def submit(self, feeds: Feeds, output_names: Sequence[str] | None = None, *, block: bool = True,
                timeout: float | None = None) -> Future:
-        with self._lock:
-            runner = self._current
-            start = None
-            if self._thread is None and not self._closed:
-                self._samples.append({n: np.array(v, copy=True) for n, v in feeds.items()})
-                if len(self._samples) >= self._wanted:
-                    start = self._thread = threading.Thread(target=self._build, name="hetero-replan",
-                                                            daemon=True)
-        future = runner.submit(feeds, output_names, block=block, timeout=timeout)
-        if start is not None:
-            start.start()
+        runner = self.runner
+        if self._planning or self._closed:  # nothing more to keep
+            return runner.submit(feeds, output_names, block=block, timeout=timeout)
+        arrays = check_feeds(runner.model, feeds)  # bad feeds raise here, before anything is kept
+        future = runner.submit(arrays, output_names, block=block, timeout=timeout)
+        if not any(isinstance(value, np.ndarray) and value.size == 0 for value in arrays.values()):
+            sample = copy.deepcopy(arrays)  # the caller may reuse its arrays once answered
+            future.add_done_callback(lambda done: self._sample(sample, done))
         return future
 
     def run(self, feeds: Feeds, output_names: Sequence[str] | None = None, *,
             timeout: float | None = None) -> dict[str, Any]:
         return self.submit(feeds, output_names, timeout=timeout).result()
+
+    def _sample(self, feeds: Feeds, done: Future) -> None:
+        """Keep a request the model answered; plan once there are enough."""
+        if done.cancelled() or done.exception() is not None:
+            return
+        with self._lock:
+            if self._planning or self._closed:
+                return
+            self._samples.append(feeds)
+            if len(self._samples) < self._wanted:
+                return
+            self._planning = True
+        threading.Thread(target=self._build, name="hetero-replan", daemon=True).start()
 
     def _build(self) -> None:
         self.status = "planning"
@@ -100,6 +113,7 @@ class Replanning(Requests):
         except Exception as exc:  # the first runner keeps serving; the error is kept for the operator
             self.status = f"kept priority plan: {exc}"
             log.warning("re-planning on real requests failed; keeping the priority plan: %s", exc)
+            self._planned.set()
             return
         with self._lock:
             if self._closed:
@@ -108,15 +122,15 @@ class Replanning(Requests):
             else:
                 old, self._current = self._current, measured
                 self.status = "measured"
-        old.close(wait=True)  # its requests in flight finish first
+        try:
+            old.close(wait=True)  # its requests in flight finish first
+        finally:
+            self._planned.set()
 
     def wait_planned(self, timeout: float | None = None) -> bool:
-        """Wait until the background planning (if started) is over; True if it is."""
-        thread = self._thread
-        if thread is not None:
-            thread.join(timeout)
-            return not thread.is_alive()
-        return False
+        """Wait until planning on the first requests is over (it starts once they are answered);
+        True if it is within `timeout` seconds."""
+        return self._planned.wait(timeout)
 
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
         """Close the current runner (`wait`: after its requests in flight, for at most `timeout`
