@@ -432,6 +432,8 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
               "(one per accelerator device and one for the host) or device groups, 'cuda:0,cuda:1;cpu' "
               "('cpu': the host libraries).")] = "node") -> None:
     """Serve a model repository over KServe v2 (HTTP and gRPC) until SIGTERM or Ctrl-C."""
+    if ray is None and ray_groups != "node":
+        _fail(hetero.HeteroError("--ray-groups splits the nodes of a Ray cluster: give --ray too"))
     _simulate(simulate)
     try:
         from hetero.serve import Server, logs
@@ -457,7 +459,8 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
 
 @app.command()
 def cluster(address: Annotated[str, typer.Argument(
-        help="The Ray cluster: 'auto' (the one this machine belongs to) or the head's ADDRESS.")] = "auto",
+        help="The Ray cluster: 'auto' (the one this machine belongs to), the head's ADDRESS, or 'local' "
+        "(a single-node Ray started here, as `serve --ray local` does).")] = "auto",
             groups: Annotated[str, typer.Option(
                 "--groups", help="Also show the workers `serve --ray-groups GROUPS` makes on each node: "
                 "'device' or 'cuda:0,cuda:1;cpu'.")] = "node") -> None:
@@ -481,15 +484,18 @@ def cluster(address: Annotated[str, typer.Argument(
         where = (node["node"], node["address"], str(node.get("cores", "-")))
         if "error" in node:
             table.add_row(*where, *group({}), "-", f"[red]{escape(node['error'])}[/]", "-", "-")
+        device = None
         for row in node.get("executors", []):
-            table.add_row(*where, *group(row), f"{row['device']} ({row['description']})", row["executor"],
-                          row["library"], row["version"])
-            where = ("", "", "")
+            named = f"{row['device']} ({row['description']})" if row["device"] != device else ""
+            table.add_row(*where, *group(row), named, row["executor"], row["library"], row["version"])
+            where, device = ("", "", ""), row["device"]
     console.print(table)
     for node in nodes:
         for group in node.get("groups", []):
             console.print(f"{node['node']}/{group['group']}: a worker on {', '.join(group['devices'])}, "
                           f"host libraries on {group['threads']} thread(s)")
+        if node.get("groups") == []:
+            console.print(f"{node['node']}: [yellow]no worker[/]: none of the groups' devices is here")
     for node in nodes:
         for library, error in node.get("missing", {}).items():
             console.print(f"{node['node']}: [yellow]{library}[/]: {escape(error or 'no device found')}")

@@ -145,12 +145,39 @@ def test_device_groups_split_a_node_and_its_host_cores(monkeypatch) -> None:
     assert split([["stub:0", "stub:1"], ["cpu"]], 8) == [(("stub:0", "stub:1"), 1), (("cpu",), 7)]
     assert split([["stub:1", "cpu"], ["stub:0"]], 8) == [(("stub:1", "cpu"), 7), (("stub:0",), 1)]
     assert split([["stub:0", "cuda:0"], ["cuda:1"]], 8) == [(("stub:0",), 1)]  # what this node has
+    assert split([["cuda:7"]], 8) == []  # no worker on this node
+    described = node.describe_node(8, [["cuda:7"]])
+    assert described["groups"] == [] and {e["group"] for e in described["executors"]} == {""}
     assert _groups("cuda:0, cuda:1;cpu") == (("cuda:0", "cuda:1"), ("cpu",))
-    assert _groups("node") is None and _groups(None) is None and _groups("device") == "device"
-    with pytest.raises(hetero.HeteroError, match="cuda:0 in two groups"):
-        _groups("cuda:0;cuda:0,cpu")
-    with pytest.raises(hetero.HeteroError, match="a group names no device"):
-        _groups("cuda:0;;cpu")
+    assert _groups("node ") is None and _groups(None) is None and _groups(" device") == "device"
+    for bad, why in [("cuda:0;cuda:0,cpu", "cuda:0 named twice"), ("cuda:0,cuda:0", "cuda:0 named twice"),
+                     ("cuda:0;;cpu", "a group names no device"), ("", "no group"), (" ; ", "no group"),
+                     ([], "no group"), ("gpu", "'gpu' is not a device name"), ("cuda:0;CPU", "'CPU' is not"),
+                     ("Device", "'Device' is not"), (["cuda:0", "cpu"], "each group is a list")]:
+        with pytest.raises(hetero.HeteroError, match=why):
+            _groups(bad)
+
+
+def test_cluster_listing_names_each_device_once_and_nodes_left_without_a_worker(monkeypatch) -> None:
+    from typer.testing import CliRunner
+
+    from hetero.cli import app
+
+    host = {"device": "cpu", "description": "a CPU", "library": "x", "version": "1", "group": ""}
+    card = {**host, "device": "sim:0", "description": "a card", "group": "sim:0"}
+    nodes = [{"node": "aaaa", "address": "10.0.0.1", "cores": 4, "groups": [],
+              "executors": [{**host, "executor": "onnxruntime@cpu"}, {**host, "executor": "numpy@cpu"}]},
+             {"node": "bbbb", "address": "10.0.0.2", "cores": 4,
+              "executors": [{**card, "executor": "sim@sim:0"}],
+              "groups": [{"group": "sim:0", "devices": ["sim:0"], "threads": 1}]}]
+    monkeypatch.setattr(hetero.ray, "probe", lambda address, groups: nodes)
+    listing = CliRunner().invoke(app, ["cluster", "--groups", "sim:0"])
+    assert listing.exit_code == 0, listing.output
+    assert listing.output.count("a CPU") == 1  # once a device, not once an executor
+    assert "aaaa: no worker: none of the groups' devices is here" in listing.output
+    assert "bbbb/sim:0: a worker on sim:0, host libraries on 1 thread(s)" in listing.output
+    alone = CliRunner().invoke(app, ["serve", str(ROOT), "--ray-groups", "device"])
+    assert alone.exit_code == 2 and "give --ray too" in alone.output
 
 
 def _on_cards(node: hetero.ray.NodeInfo):

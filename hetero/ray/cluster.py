@@ -25,7 +25,7 @@ from ray.exceptions import GetTimeoutError, RayActorError, RayError, RayTaskErro
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from hetero.errors import HeteroError, ModelError, ReplicaLostError, RunError
-from hetero.executors import Executor
+from hetero.executors import Device, Executor
 from hetero.graph import Model, load
 from hetero.graph.load import ModelSource
 from hetero.planner import Plan
@@ -429,7 +429,8 @@ class Cluster:
                     f"{_reason(groups)}")))
             elif not groups:
                 others.append(_Worker(info, state=UNUSED, error=(
-                    f"node {info.name} ({info.address}) has no device of the groups {self.groups}")))
+                    f"node {info.name} ({info.address}) has no device of the groups "
+                    f"'{_described(self.groups)}'")))
             else:
                 workers += [_Worker(info, devices, cores) for devices, cores in groups]
         with self._lock:
@@ -523,18 +524,42 @@ class Cluster:
 
 
 def _groups(groups: Groups) -> str | tuple[tuple[str, ...], ...] | None:
-    """`Cluster`'s `groups` checked: None (a worker per node), "device", or device-name groups."""
+    """`Cluster`'s `groups` checked: None (a worker per node), "device", or device-name groups.
+    `HeteroError` for no group, a group naming no device, a device named twice, or a name that is
+    not a device's ('cpu', 'cuda:0': as `hetero devices` names them)."""
+    if isinstance(groups, str):
+        groups = groups.strip()
     if groups in (None, "node", "device"):
         return None if groups == "node" else groups
     split = [group.split(",") for group in groups.split(";")] if isinstance(groups, str) else groups
+    loose = [group for group in split if isinstance(group, str)]
+    if loose:
+        raise HeteroError(f"device groups {groups!r}: each group is a list of device names, got "
+                          f"{loose[0]!r}; write them as [['cuda:0', 'cuda:1'], ['cpu']] or "
+                          "'cuda:0,cuda:1;cpu'")
     chosen = tuple(tuple(d.strip() for d in group if d.strip()) for group in split)
     named = [device for group in chosen for device in group]
     twice = sorted({device for device in named if named.count(device) > 1})
-    if not all(chosen) or twice:
-        raise HeteroError(f"device groups {groups!r}: " + (f"{', '.join(twice)} in two groups" if twice else
-                          "a group names no device") + "; write them as 'cuda:0,cuda:1;cpu', or 'node' or "
-                          "'device'")
+    unknown = [device for device in named if not _is_device(device)]
+    problem = ("no group" if not named else "a group names no device" if not all(chosen) else
+               f"{', '.join(twice)} named twice" if twice else
+               f"{unknown[0]!r} is not a device name ('cpu', 'cuda:0', 'opencl:1')" if unknown else "")
+    if problem:
+        raise HeteroError(f"device groups {groups!r}: {problem}; write them as 'cuda:0,cuda:1;cpu' (';' "
+                          "between groups, 'cpu' for the host libraries), or 'node' or 'device'")
     return chosen
+
+
+def _is_device(name: str) -> bool:
+    try:
+        return str(Device.parse(name)) == name
+    except ValueError:
+        return False
+
+
+def _described(groups: str | tuple[tuple[str, ...], ...] | None) -> str:
+    """Groups as `--ray-groups` writes them."""
+    return groups if isinstance(groups, str) else ";".join(",".join(group) for group in groups or ())
 
 
 def _on(node: NodeInfo) -> NodeAffinitySchedulingStrategy:

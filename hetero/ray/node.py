@@ -42,23 +42,24 @@ def describe_node(cores: int = 0, groups: Groups = None, devices_of: Collection[
                   ) -> dict[str, Any]:
     """This node as plain data: host name, cores Hetero uses, every device and executor, and the
     libraries that are missing or found no device (with why). With `groups`, the workers they
-    make here (`device_groups`) and each executor's group. `devices_of` keeps the executors of
-    those devices and the host libraries (every worker's fallback), as one worker sees them."""
+    make here (`device_groups`; none when no group has a device here) and each executor's group
+    ('' where none has its device). `devices_of` keeps the executors of those devices and the
+    host libraries (every worker's fallback), as one worker sees them."""
     inventory, accelerators = devices(), _accelerators()
     cores = _cores(cores)
-    split = device_groups(groups, cores) if groups is not None else []
+    split = device_groups(groups, cores) if groups is not None else None
     executors = []
     for entry in inventory.devices:
         where = entry.device if entry.device in accelerators else HOST
         if devices_of is not None and where not in (*devices_of, HOST):
             continue
-        group = {"group": next((group_name(g) for g, _ in split if where in g), "")} if split else {}
+        group = {} if split is None else {"group": next((group_name(g) for g, _ in split if where in g), "")}
         executors += [{"device": entry.device, "description": entry.description, "executor": info.name,
                        "library": info.library, "version": info.version, "threads": min(info.threads, cores),
                        "precision": info.precision, **group} for info in entry.executors]
     found = {"hostname": socket.gethostname(), "cores": cores, "executors": executors,
              "missing": {lib.library: lib.error for lib in inventory.libraries if not lib.executors}}
-    if split:
+    if split is not None:
         found["groups"] = [{"group": group_name(g), "devices": list(g), "threads": threads}
                            for g, threads in split]
     return found
