@@ -299,6 +299,24 @@ def test_bad_node_spec_is_left_out_and_none_left_is_an_error(cluster, model) -> 
         cluster.deploy(model, [["nosuchlib"]])
 
 
+def _broken_first(node: hetero.ray.NodeInfo):
+    """`_paced`, and first on the fast node a replica whose kernel crashes on every request."""
+    broken = [[StubExecutor(1, run_fail_ops={"Gemm"})]] if node.labels["pace"] == str(FAST) else []
+    return [*broken, *_paced(node)]
+
+
+def test_a_replica_that_fails_its_warm_up_is_left_out_and_the_others_serve(cluster, model, reference) -> None:
+    with cluster.deploy(model, _broken_first) as pool:
+        out = {r.name for r in pool.replicas if not r.live}
+        assert len(out) == 1 and next(iter(out)).endswith("/stub@stub:1"), out
+        assert sum(r.live for r in pool.replicas) == 2 * cluster.lanes  # each node's paced replica
+        requests = _requests(model, 6)
+        for got, feeds in zip(pool.map(requests), requests, strict=True):
+            _close(got, reference.run(feeds))
+    with pytest.raises(hetero.ModelError, match="no node of the cluster could run it: .*stub kernel crashed"):
+        cluster.deploy(model, [[StubExecutor(1, run_fail_ops={"Gemm"})]])
+
+
 @pytest.mark.slow
 def test_a_node_joins_under_load_then_dies_and_no_request_is_lost(ray_cluster, cluster, model,
                                                                    reference) -> None:
@@ -322,8 +340,10 @@ def test_a_node_joins_under_load_then_dies_and_no_request_is_lost(ray_cluster, c
 def test_a_worker_that_dies_under_load_is_replaced_and_no_request_is_lost(cluster, model, reference,
                                                                         monkeypatch) -> None:
     monkeypatch.setattr(hetero.ray.cluster, "RETRY_S", 1.0)  # a new worker after 1 s, not 10
-    with cluster.deploy(model, _paced) as pool:
-        fast = min(pool.figures(), key=lambda r: r["seconds_per_request"])
+    # the node's broken replica fails its measurement each time the worker starts: it stays out,
+    # and the node's other replica joins
+    with cluster.deploy(model, _broken_first) as pool:
+        fast = min((r for r in pool.figures() if r["live"]), key=lambda r: r["seconds_per_request"])
         [node_id] = {lane.session.worker.info.id for lane in pool.replicas if lane.name == fast["replica"]}
         first = pool.on_node(node_id)
         load = Load(pool, model)
@@ -333,9 +353,12 @@ def test_a_worker_that_dies_under_load_is_replaced_and_no_request_is_lost(cluste
         _wait_for(lambda: any(lane.served for lane in pool.on_node(node_id)[len(first):]), 60,
                   "the new worker to serve")
         answered = load.stop()
+        again = pool.on_node(node_id)[len(first):]
     for feeds, got in answered:
         _close(got, reference.run(feeds))
     assert not any(lane.live for lane in first)
+    assert [lane.name for lane in again] == [fast["replica"]] * cluster.lanes
+    assert all(lane.live for lane in again)
 
 
 @pytest.mark.slow

@@ -195,6 +195,23 @@ class ClusterPool(ReplicaPool):
                 "running": sum(lane.running_since is not None for lane in live)})
         return figures
 
+    def join(self, built: Sequence[tuple[RemoteReplica, str]]) -> list[str]:
+        """Replicas of workers that started while the pool serves join it, each measured first
+        (`add`); one that fails that (its worker died meanwhile, its card fails) stays out and the
+        others join. The errors of those left out; `HeteroError` when the pool closed meanwhile."""
+        errors, failed = [], set()
+        for remote, name in built:
+            if remote in failed:  # another lane of a replica that failed
+                continue
+            try:
+                self.add(remote, name)
+            except Exception as exc:
+                if self._closing:
+                    raise
+                failed.add(remote)
+                errors.append(f"{name}: {_reason(exc)}")
+        return errors
+
     def close(self, wait: bool = True, timeout: float | None = None) -> None:
         """Finish the queued requests (as `ReplicaPool.close`), then free the replicas on every node."""
         try:
@@ -306,10 +323,13 @@ class Cluster:
         them, as `hetero.runtime.replanning.serving_pool` does in-host (without, measured
         policies place by estimates). `feeds` are what the replicas are timed with (needed for
         symbolic input dims; without `warmup` they are timed by the requests they serve, as
-        `ReplicaPool.build`'s). A worker that cannot build its replicas is left out; `ModelError`
-        if none can.
+        `ReplicaPool.build`'s). A worker that cannot build its replicas, and a replica that fails
+        its warm-up, is left out (logged); `ModelError` if none is left, `InputError` for `feeds`
+        that do not fit the model.
         """
         loaded = load(model)
+        if feeds is not None:
+            feeds = check_feeds(loaded, feeds)
         blob = ray.put(loaded.proto.SerializeToString())
         spec = _Spec(f"{loaded.label}#{uuid.uuid4().hex[:8]}", loaded, blob, replicas, cpu_streams, policy,
                      ray.put(list(samples)) if samples else None)
@@ -325,7 +345,11 @@ class Cluster:
                                max_in_flight or 1024)
             try:
                 if warmup:
-                    pool.warm_up(feeds)
+                    pool.warm_up(feeds, left_out=errors)
+            except Exception as exc:
+                pool.close(wait=False)
+                raise ModelError(f"model {loaded.label!r}: no node of the cluster could run it: "
+                                 f"{'; '.join(errors)}") from exc
             except BaseException:
                 pool.close(wait=False)
                 raise
@@ -472,12 +496,14 @@ class Cluster:
             with self._lock:
                 pools = list(self._pools)
             for pool in pools:
-                built, _ = self._build(pool.spec, started)
+                built, errors = self._build(pool.spec, started)
                 try:
-                    for remote, name in built:
-                        pool.add(remote, name)
+                    errors += pool.join(built)
                 except HeteroError:  # the pool closed meanwhile: free what was built for it
                     self._unload(pool.spec, started)
+                for error in errors:
+                    log.error("replica left out", extra={"fields": {"model": pool.model.label,
+                                                                    "error": error}})
             with self._lock:
                 for worker in started:
                     worker.state = DRAINING if worker.state == DRAINING else ACTIVE

@@ -164,13 +164,28 @@ class ReplicaPool(Requests):
                 raise
         return pool
 
-    def warm_up(self, feeds: Feeds | None = None, repeats: int = 3) -> None:
+    def warm_up(self, feeds: Feeds | None = None, repeats: int = 3, *, left_out: list[str] | None = None
+                ) -> None:
         """Measure each replica's time per request (one at a time, so they do not disturb each
-        other); models with symbolic input dims need `feeds`."""
+        other); models with symbolic input dims need `feeds`. The first failure raises; with
+        `left_out`, a replica that fails is retired instead and its error added there (a cluster:
+        one failing node must not keep a model off the others), unless every replica fails."""
         self._feeds = feeds if feeds is not None else example_feeds(self.model)
         self._reference_bytes = _nbytes(self._feeds)
+        failed: dict[int, Exception] = {}  # by session: entries sharing one (a remote's lanes) fail together
         for replica in self.replicas:
-            replica.seconds_per_request = _measure(replica.session, self._feeds, repeats)
+            if id(replica.session) not in failed:
+                try:
+                    replica.seconds_per_request = _measure(replica.session, self._feeds, repeats)
+                    continue
+                except Exception as exc:
+                    if left_out is None:
+                        raise
+                    failed[id(replica.session)] = exc
+                    left_out.append(f"{replica.name}: {type(exc).__name__}: {exc}")
+            self.retire(replica)
+        if failed and not self.live:
+            raise next(iter(failed.values()))
 
     def add(self, session: Session, name: str | None = None) -> Replica:
         """A replica joins the running pool: measured alone first (on what `warm_up` measured
