@@ -180,6 +180,26 @@ def test_cluster_listing_names_each_device_once_and_nodes_left_without_a_worker(
     assert alone.exit_code == 2 and "give --ray too" in alone.output
 
 
+def test_the_ray_connection_hetero_made_stays_until_its_last_cluster_closes(monkeypatch) -> None:
+    """`hetero.ray.deploy` connects (its pool owns that Cluster), then a `Cluster` of the caller's
+    shares the connection: closing the first pool must not take Ray from the second."""
+    from hetero.ray import cluster
+
+    ray_state = {"up": False, "inits": 0}
+    monkeypatch.setenv("RAY_max_direct_call_object_size", "1")
+    monkeypatch.setattr(cluster, "_holders", 0)
+    monkeypatch.setattr(ray, "is_initialized", lambda: ray_state["up"])
+    monkeypatch.setattr(ray, "init", lambda **_: ray_state.update(up=True, inits=ray_state["inits"] + 1))
+    monkeypatch.setattr(ray, "shutdown", lambda: ray_state.update(up=False))
+    assert cluster._connect("local") and cluster._connect("local")
+    cluster._disconnect()
+    assert ray_state == {"up": True, "inits": 1}
+    cluster._disconnect()
+    assert ray_state == {"up": False, "inits": 1}
+    ray_state["up"] = True  # the caller's own connection: never Hetero's to close
+    assert not cluster._connect("auto") and ray_state == {"up": True, "inits": 1}
+
+
 def _on_cards(node: hetero.ray.NodeInfo):
     """Each card's replica and a host one where the simulated cards are, a host one elsewhere (only
     the libraries named are imported: a group's worker keeps what is on its devices)."""

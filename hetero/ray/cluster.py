@@ -235,7 +235,7 @@ class Cluster:
     Each replica joins the pool as `lanes` entries, so while it runs one request the next is
     already on its way (the round trip hidden; measured per lane, their speeds add up to the
     replica's). Nodes that join are used within `poll_s` seconds; `close` (or `with`) stops.
-    `HeteroError` for groups naming no device or one device twice.
+    `HeteroError` for malformed groups (see `_groups`) or when no node has a worker.
     """
 
     def __init__(self, address: str | None = "auto", *, groups: Groups = None,
@@ -243,13 +243,7 @@ class Cluster:
                  call_timeout_s: float = 120.0, start_timeout_s: float = 120.0,
                  load_timeout_s: float = 900.0, drain_timeout_s: float = 60.0):
         self.groups = _groups(groups)
-        self._owns_ray = not ray.is_initialized()
-        if self._owns_ray:
-            # Ray puts call arguments over 100 KiB in its object store (a copy and a fetch: ~3 ms
-            # for a 600 KB image here); the caller's setting decides, so the front end raises it.
-            os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
-            ray.init(address=address or "auto", logging_level=logging.WARNING,
-                     **({"include_dashboard": False} if address == "local" else {}))
+        self._holds_ray = _connect(address)
         self.imports = tuple(imports)
         self.poll_s, self.lanes, self.call_timeout_s = poll_s, lanes, call_timeout_s
         self.start_timeout_s, self.load_timeout_s, self.drain_timeout_s = (start_timeout_s, load_timeout_s,
@@ -413,7 +407,7 @@ class Cluster:
 
     def close(self) -> None:
         """Stop watching, close the pools (finishing their queued requests), stop the workers,
-        and disconnect from Ray if this object connected."""
+        and disconnect from Ray if Hetero connected and no other `Cluster` uses the connection."""
         self._stop.set()
         watcher = getattr(self, "_watcher", None)
         if watcher is not None:
@@ -426,8 +420,9 @@ class Cluster:
             if worker.actor is not None:
                 with contextlib.suppress(Exception):
                     ray.kill(worker.actor)
-        if self._owns_ray:
-            ray.shutdown()
+        if self._holds_ray:
+            self._holds_ray = False
+            _disconnect()
 
     def _watch(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -588,6 +583,37 @@ def _described(groups: str | tuple[tuple[str, ...], ...] | None) -> str:
     return groups if isinstance(groups, str) else ";".join(",".join(group) for group in groups or ())
 
 
+_connection = threading.Lock()
+_holders = 0  # Clusters and probes using the Ray connection Hetero made (0: none, or the caller's)
+
+
+def _connect(address: str | None) -> bool:
+    """Connect this process to Ray unless it is; True when the connection is Hetero's, held until
+    `_disconnect`: the last holder disconnects, so closing one `Cluster` leaves the others theirs."""
+    global _holders
+    with _connection:
+        if ray.is_initialized():
+            if not _holders:  # the caller's connection: theirs to close
+                return False
+            _holders += 1
+            return True
+        # Ray puts call arguments over 100 KiB in its object store (a copy and a fetch: ~3 ms for
+        # a 600 KB image here); the caller's setting decides, so the front end raises it.
+        os.environ.setdefault("RAY_max_direct_call_object_size", str(INLINE_BYTES))
+        ray.init(address=address or "auto", logging_level=logging.WARNING,
+                 **({"include_dashboard": False} if address == "local" else {}))
+        _holders = 1
+        return True
+
+
+def _disconnect() -> None:
+    global _holders
+    with _connection:
+        _holders -= 1
+        if not _holders:
+            ray.shutdown()
+
+
 def _on(node: NodeInfo) -> NodeAffinitySchedulingStrategy:
     return NodeAffinitySchedulingStrategy(node.id, soft=False)
 
@@ -630,9 +656,7 @@ def probe(address: str | None = "auto", timeout_s: float = 120.0, *, groups: Gro
     `Cluster` takes them), each node also lists the workers they would make there and each
     executor its group (see `describe_node`)."""
     groups = _groups(groups)
-    owns = not ray.is_initialized()
-    if owns:
-        ray.init(address=address or "auto", logging_level=logging.WARNING)
+    holds = _connect(address)
     try:
         infos = [_node_info(n) for n in ray.nodes() if n["Alive"]]
         task = ray.remote(describe_node)
@@ -645,8 +669,8 @@ def probe(address: str | None = "auto", timeout_s: float = 120.0, *, groups: Gro
             found.append({**entry, **({"error": _reason(facts)} if isinstance(facts, Exception) else facts)})
         return found
     finally:
-        if owns:
-            ray.shutdown()
+        if holds:
+            _disconnect()
 
 
 def deploy(model: ModelSource, address: str | None = "auto", *, groups: Groups = None,
