@@ -275,6 +275,11 @@ def test_a_model_with_unknown_dims_is_planned_on_the_nodes_on_its_first_request(
     try:
         assert isinstance(pool, Replanning)
         assert all("policy priority" in plan for plan in pool.runner.plans.values())
+        # odd first requests: refused, or answered (an empty batch) but never planned on
+        with pytest.raises(hetero.InputError, match="must be float32"):
+            pool.run({"images": np.zeros((1, 3, 32, 32), np.int64)})
+        assert pool.run({"images": np.zeros((0, 3, 32, 32), np.float32)})["logits"].shape == (0, 10)
+        assert not pool.wait_planned(timeout=0.5) and pool.status == "planning on first requests"
         singles = _requests(model, 3)  # a batch of 3 as the first request, measured on
         images = np.concatenate([feeds["images"] for feeds in singles])
         want = {"logits": np.concatenate([reference.run(feeds)["logits"] for feeds in singles])}
@@ -286,6 +291,7 @@ def test_a_model_with_unknown_dims_is_planned_on_the_nodes_on_its_first_request(
         # measured whole on each node: the single-library candidates timed, one chosen
         assert all("policy latency" in plan and "(chosen)" in plan for plan in plans.values()), plans
         _close(pool.run({"images": images}), want)
+        _close(pool.run(singles[1]), reference.run(singles[1]))  # another batch size than planned on
     finally:
         pool.close()
 
