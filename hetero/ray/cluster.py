@@ -207,7 +207,7 @@ class ClusterPool(ReplicaPool):
                 self.add(remote, name)
             except Exception as exc:
                 if self._closing:
-                    raise
+                    raise HeteroError(f"model {self.model.label!r}: the replica pool is closed") from exc
                 failed.add(remote)
                 errors.append(f"{name}: {_reason(exc)}")
         return errors
