@@ -351,6 +351,7 @@ class Cluster:
                 self._pools.append(pool)
         log.info("deployed", extra={"fields": {"model": loaded.label, "replicas": sorted(pool.plans),
                                                "left_out": errors}})
+        _left_out(loaded, errors)
         return pool
 
     def drain(self, node_id: str) -> None:
@@ -456,7 +457,7 @@ class Cluster:
             for worker in others:
                 self._workers[(worker.info.id, worker.group)] = worker
         for worker in others:
-            log.error("node left out", extra={"fields": {"node": worker.info.name, "error": worker.error}})
+            log.error("node left out: %s", worker.error, extra={"fields": {"node": worker.info.name}})
         self._start(workers)
 
     def _start(self, workers: Sequence[_Worker]) -> None:
@@ -479,7 +480,7 @@ class Cluster:
                 worker.state, worker.retry_at = LOST, time.monotonic() + RETRY_S
                 worker.error = (f"node {worker.name} ({worker.info.address}): worker did not start: "
                                 f"{_reason(facts)}")
-                log.error("node left out", extra={"fields": {"node": worker.name, "error": worker.error}})
+                log.error("node left out: %s", worker.error, extra={"fields": {"node": worker.name}})
                 with contextlib.suppress(Exception):
                     ray.kill(worker.actor)
             else:
@@ -496,9 +497,7 @@ class Cluster:
                     errors += pool.join(built)
                 except HeteroError:  # the pool closed meanwhile: free what was built for it
                     self._unload(pool.spec, started)
-                for error in errors:
-                    log.error("replica left out", extra={"fields": {"model": pool.model.label,
-                                                                    "error": error}})
+                _left_out(pool.model, errors)
             with self._lock:
                 for worker in started:
                     worker.state = DRAINING if worker.state == DRAINING else ACTIVE
@@ -612,6 +611,11 @@ def _disconnect() -> None:
         _holders -= 1
         if not _holders:
             ray.shutdown()
+
+
+def _left_out(model: Model, errors: Sequence[str]) -> None:
+    for error in errors:
+        log.error("model %r left out on %s", model.label, error, extra={"fields": {"model": model.label}})
 
 
 def _on(node: NodeInfo) -> NodeAffinitySchedulingStrategy:
