@@ -422,6 +422,8 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
               help="Request bytes all clients may hold at once (each body counts twice), MiB.")] = 1024.0,
           imports: Annotated[list[str] | None, typer.Option(
               "--import", help="Module to import first (one registering custom ops); repeatable.")] = None,
+          shutdown_timeout: Annotated[float, typer.Option(
+              min=0.0, help="On SIGTERM: seconds to finish the requests in flight and queued.")] = 30.0,
           log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
           simulate: SimulateOption = None,
           ray: Annotated[str | None, typer.Option(
@@ -442,7 +444,7 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
     logs.configure(log_level)
     options = {"host": host, "http_port": port, "grpc_port": grpc_port, "api_key": api_key,
                "max_request_bytes": int(max_request_mb * (1 << 20)),
-               "max_inflight_bytes": int(max_inflight_mb * (1 << 20))}
+               "max_inflight_bytes": int(max_inflight_mb * (1 << 20)), "shutdown_timeout_s": shutdown_timeout}
     try:
         for module in imports or []:
             importlib.import_module(module)
@@ -455,6 +457,27 @@ def serve(repository: Annotated[Path, typer.Argument(help="Model repository: REP
                           **options).serve_forever()
     except (hetero.HeteroError, OSError, ImportError, ConnectionError) as exc:
         _fail(exc)
+    _exit_past_stuck_calls()
+
+
+def _exit_past_stuck_calls() -> None:
+    """End the process now if a library call is still running after the server stopped: Python
+    would wait for that thread at exit, for as long as the library hangs. What exit handlers
+    would save is saved first."""
+    import logging
+
+    from hetero.executors.base import save_probe_answers
+    from hetero.runtime.workers import running
+
+    stuck = running()
+    if not stuck:
+        return
+    logging.getLogger("hetero.serve").error("exiting with library calls still running", extra={
+        "fields": {"resources": stuck}})
+    save_probe_answers()
+    logging.shutdown()
+    sys.stdout.flush()
+    os._exit(1)
 
 
 @app.command()

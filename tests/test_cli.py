@@ -175,3 +175,58 @@ def test_measured_policies_plan_on_the_shape_or_inputs_given(tmp_path, monkeypat
     assert "[3, 300]" in output
     code, output = _invoke("plan", path, "-p", "latency", "--shape", "x=1xtwo")
     assert code != 0 and "dims must be integers" in output
+
+
+@pytest.mark.slow
+def test_sigterm_with_a_library_call_stuck_ends_serve_within_its_shutdown_timeout(tmp_path, monkeypatch):
+    import signal
+    import threading
+    import time
+    import urllib.request
+
+    from onnx import TensorProto, helper
+
+    from hetero.bench.serving import serve
+
+    graph = helper.make_graph([helper.make_node("Hang", ["x"], ["y"], domain="test.hang")], "hang",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    (tmp_path / "repo" / "hang" / "1").mkdir(parents=True)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                      helper.make_opsetid("test.hang", 1)]),
+              tmp_path / "repo" / "hang" / "1" / "model.onnx")
+    (tmp_path / "repo" / "hang" / "config.yaml").write_text("executors: [numpy]\ncpu_streams: 1\n")
+    marker = tmp_path / "entered"
+    monkeypatch.setenv("HANGING_KERNEL_MARKER", str(marker))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent),
+                                                      os.environ.get("PYTHONPATH", "")]))
+    body = json.dumps({"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [12345.0]}]})
+    with serve(tmp_path / "repo", "--import", "hanging_kernel", "--shutdown-timeout", "1") as server:
+        request = urllib.request.Request(f"http://127.0.0.1:{server.http_port}/v2/models/hang/infer",
+                                         body.encode(), {"Content-Type": "application/json"})
+        answers: list = []
+        client = threading.Thread(target=lambda: answers.append(_status(request)), daemon=True)
+        client.start()
+        deadline = time.monotonic() + 30
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists(), "the request never reached the kernel"
+        start = time.monotonic()
+        server.process.send_signal(signal.SIGTERM)
+        assert server.process.wait(30) == 1  # not 0: a library call was abandoned
+        assert time.monotonic() - start < 10  # the shutdown timeout and exiting; not the kernel's minute
+        client.join(10)
+    assert answers and answers[0] in (503, 504, "disconnected")
+
+
+def _status(request) -> int | str:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return "disconnected"

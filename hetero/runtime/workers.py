@@ -65,6 +65,13 @@ def resource(name: str) -> Resource:
         return _resources[name]
 
 
+def running() -> list[str]:
+    """Resources with a partition running now; once nothing should be running (a server stopped),
+    those stuck inside a library call."""
+    with _lock:
+        return [name for name, r in _resources.items() if r.lock.locked()]
+
+
 def busy_snapshot() -> dict[str, float]:
     """Busy seconds per resource so far; subtract two snapshots to get busy time over a window."""
     with _lock:
