@@ -16,14 +16,14 @@ EXECUTORS = ["onnxruntime", "openvino", "numpy"]  # the corpus is about models, 
 @pytest.fixture(scope="module")
 def planning_cache(tmp_path_factory):
     """One cache for the module: throughput recalls what latency measured, as a user's would; node
-    profiling bounded to 5 s per model (what is not measured is estimated), rates measured 0.5 s."""
+    profiling bounded to 2 s per model (what is not measured is estimated), rates measured 0.5 s."""
     from hetero.planner import cost
     from hetero.runtime import samples, tuning
 
     stores = (cost._costs, tuning._plans, samples._shapes)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("HETERO_CACHE_DIR", str(tmp_path_factory.mktemp("planning")))
-        patch.setattr(tuning, "PROFILE_BUDGET_S", 5.0)  # a bounded planning budget keeps the corpus quick
+        patch.setattr(tuning, "PROFILE_BUDGET_S", 2.0)  # a bounded planning budget keeps the corpus quick
         measure_rate = tuning.measure_rate  # and so do short rate measurements: the test checks values
         patch.setattr(tuning, "measure_rate", lambda runner, feeds, seconds: measure_rate(runner, feeds, 0.5))
         for store in stores:
