@@ -112,15 +112,21 @@ def test_every_datatype_over_grpc(server: Server) -> None:
     client.close()
 
 
-def test_grpc_typed_contents_every_datatype(server: Server) -> None:
-    import grpc
-
-    values = {name: array for name, array in _extremes().items() if name in TYPED}
+def _typed_request(values: dict[str, np.ndarray]) -> service_pb2.ModelInferRequest:
+    """A ModelInfer request for the `typed` model with each array in its datatype's typed contents."""
     request = service_pb2.ModelInferRequest(model_name="typed")
     for name, array in values.items():
         tensor = request.inputs.add(name=f"in_{name}", datatype=name, shape=array.shape)
         getattr(tensor.contents, TYPED[name]).extend([x.encode() for x in array] if name == "BYTES"
                                                      else array.tolist())
+    return request
+
+
+def test_grpc_typed_contents_every_datatype(server: Server) -> None:
+    import grpc
+
+    values = {name: array for name, array in _extremes().items() if name in TYPED}
+    request = _typed_request(values)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         response = stub.ModelInfer(request)
@@ -171,11 +177,7 @@ def test_nan_and_infinity_over_grpc_raw_and_typed_contents(server: Server) -> No
     _check_outputs(client.infer("all_types", inputs), values)
     client.close()
     typed = {name: array for name, array in values.items() if name in TYPED}
-    request = service_pb2.ModelInferRequest(model_name="typed")
-    for name, array in typed.items():
-        tensor = request.inputs.add(name=f"in_{name}", datatype=name, shape=array.shape)
-        getattr(tensor.contents, TYPED[name]).extend([x.encode() for x in array] if name == "BYTES"
-                                                     else array.tolist())
+    request = _typed_request(typed)
     with grpc.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
         _check_outputs(tritongrpc.InferResult(service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(
             request)), typed)
