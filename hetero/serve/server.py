@@ -77,6 +77,7 @@ class Server:
         self.ready = False
         self._thread: threading.Thread | None = None
         self._grpc: grpc.Server | None = None
+        self._grpc_workers: ThreadPoolExecutor | None = None  # the gRPC calls' threads
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
 
